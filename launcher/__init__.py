@@ -1,0 +1,1 @@
+"""Entry points: the ``videofeat`` command, torchrun scripts and SLURM submission."""

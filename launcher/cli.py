@@ -1,0 +1,138 @@
+"""The ``videofeat`` command: one subcommand per stage, each in its own module.
+
+Subcommand modules are imported only when chosen, so light commands (``manifest``, ``status``,
+``reduce``, ``export``, ``--help``) never pay for importing torch or timm. Each module defines
+``add_arguments(parser)`` and ``run(args) -> int``.
+
+Any flag may also come from a TOML file given with ``--config``: its keys are flag names
+(``batch_size`` or ``batch-size``); flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# name -> (module, one-line help, example)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "manifest": ("videofeat.launcher.manifest_cmd", "discover and probe videos, write a sharded manifest",
+                 "videofeat manifest /data/A1 -o manifest.parquet --views rear,dashboard"),
+    "labels": ("videofeat.launcher.labels_cmd", "parse AI City annotation CSVs into a labels table",
+               "videofeat labels /data/A1 --manifest manifest.parquet -o labels.parquet --val-users 24026"),
+    "extract": ("videofeat.launcher.extract", "extract per-window features into a run directory",
+                "videofeat extract manifest.parquet -o runs/vitl --preset aicity-vitl --model auto "
+                "--checkpoint rear=rear.pt --checkpoint dashboard=dash.pt"),
+    "status": ("videofeat.launcher.status_cmd", "show done, failed and missing shards of a run",
+               "videofeat status runs/vitl"),
+    "inspect": ("videofeat.launcher.inspect_cmd", "print a checkpoint's layout, architecture and classes",
+                "videofeat inspect k400_vith_rearview.pt"),
+    "reduce": ("videofeat.launcher.reduce", "merge completed shards into the final dataset",
+               "videofeat reduce runs/vitl"),
+    "export": ("videofeat.launcher.export_cmd", "write per-video files for temporal action localizers",
+               "videofeat export runs/vitl --format actionformer -o feats/vitl --labels labels.parquet"),
+    "finetune": ("videofeat.launcher.finetune", "fine-tune a VideoMAE-family ViT (also under torchrun)",
+                 "videofeat finetune --config finetune.toml"),
+    "slurm": ("videofeat.launcher.slurm_cmd", "submit extraction arrays, reruns and fine-tuning to SLURM",
+              "videofeat slurm extract manifest.parquet -o runs/vitl --preset aicity-vitl --time 04:00:00"),
+    "demo": ("videofeat.launcher.demo", "run the whole pipeline on a small generated dataset",
+             "videofeat demo -o videofeat-demo"),
+}
+
+
+def _available_commands() -> dict[str, tuple[str, str, str]]:
+    """Commands whose module is present in this install."""
+    import importlib.util
+
+    return {name: row for name, row in COMMANDS.items() if importlib.util.find_spec(row[0]) is not None}
+
+
+def load_toml(path: str) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - older Pythons
+        import tomli as tomllib
+    with open(path, "rb") as handle:
+        data = tomllib.load(handle)
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def apply_config_defaults(parser: argparse.ArgumentParser, config_path: Optional[str]) -> None:
+    """Let a TOML file supply any flag of ``parser``; unknown keys are an error naming the file."""
+    if not config_path:
+        return
+    values = load_toml(config_path)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"{config_path}: unknown option(s) {', '.join(unknown)}; "
+                         f"valid keys are the command's flags ({', '.join(sorted(known - {'help'}))})")
+    parser.set_defaults(**values)
+    # A required positional or option supplied by the file is no longer required.
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+            if action.nargs is None and not action.option_strings:
+                action.nargs = "?"
+
+
+def build_command_parser(name: str, prog: str = "videofeat") -> tuple[argparse.ArgumentParser, object]:
+    module_name, help_text, example = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} {name}",
+        description=(module.__doc__ or help_text).strip().splitlines()[0],
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.toml", help="read default values of any flag from a TOML file")
+    module.add_arguments(parser)
+    return parser, module
+
+
+def parse_command(name: str, argv: Sequence[str], prog: str = "videofeat"):
+    parser, module = build_command_parser(name, prog)
+    config_path = _find_config(argv)
+    apply_config_defaults(parser, config_path)
+    return parser.parse_args(list(argv)), module
+
+
+def _find_config(argv: Sequence[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _top_level_help(commands: dict[str, tuple[str, str, str]]) -> str:
+    width = max(len(name) for name in commands)
+    lines = ["usage: videofeat COMMAND [options]   (videofeat COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {row[1]}" for name, row in commands.items()]
+    lines += ["", "example:", "  videofeat demo            # the whole pipeline on a small generated dataset"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available_commands()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help(COMMANDS))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from videofeat import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
+        return 2
+    args, module = parse_command(name, rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Filesystem access through fsspec, so a run directory or a video root may be local or remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any, Callable, Optional, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+T = TypeVar("T")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or any fsspec URL."""
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") if i == 0 else p.strip("/") for i, p in enumerate(parts) if p != "")
+
+
+def unique_suffix() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write under a temporary name, then move into place: readers never see half a file."""
+    tmp = f"{path}.tmp-{unique_suffix()}"
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
+        if is_local(fs):
+            handle.flush()
+            os.fsync(handle.fileno())
+    fs.mv(tmp, path)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read().decode())
+
+
+# Errors that a networked or shared filesystem raises for a moment and then stops raising.
+TRANSIENT_IO_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, BlockingIOError)
+
+
+def retry_io(fn: Callable[[], T], attempts: int = 4, first_delay_s: float = 0.5,
+             errors: tuple[type[BaseException], ...] = TRANSIENT_IO_ERRORS) -> T:
+    """Retry only known-transient I/O errors, with bounded exponential backoff."""
+    delay = first_delay_s
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except errors:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def exists_with_backoff(fs: fsspec.AbstractFileSystem, path: str, budget_s: float) -> bool:
+    """On shared filesystems a file written elsewhere can take a while to appear here."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.25
+    while True:
+        fs.invalidate_cache()
+        if fs.exists(path):
+            return True
+        if time.monotonic() + delay > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 8.0)
+
+
+def optional_read_json(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Any]:
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,309 @@
+"""The run directory: the contract between every stage of a run.
+
+```
+RUN_DIR/run.json                              resolved config, fingerprint and its parts
+RUN_DIR/plans/<plan_id>.json                  frozen list for one launch: index -> shard ids
+RUN_DIR/shards/<shard:05d>.parquet            committed output (written under a temporary name first)
+RUN_DIR/shards/<shard:05d>.stats.json         per-video records, timings, host, rank, SLURM ids, attempt
+RUN_DIR/shards/<shard:05d>.done               empty marker, written last
+RUN_DIR/failures/<shard:05d>.<attempt>.json   kind (error|interrupted), message, traceback tail, host, ...
+RUN_DIR/logs/<shard:05d>.<attempt>.log
+RUN_DIR/dataset/                              reducer output and summary.json
+```
+
+Commit order per shard: Parquet to a temporary name, close, move into place, stats, marker
+last. A reader trusts a shard only when its marker exists, so a process killed at any point
+leaves the shard planned, never done.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from . import fsutil
+from .fingerprint import compute_fingerprint, describe_difference
+from .status import TRANSIENT
+
+# Shard states, as `videofeat status` and the planners use them.
+DONE = "done"
+MISSING = "missing"          # never attempted
+INTERRUPTED = "interrupted"  # stopped by a signal, or died without a record (killed, node lost)
+FAILED = "failed"            # raised an error; retried until --max-attempts
+GAVE_UP = "gave_up"          # failed --max-attempts times; only --rerun-failed retries it
+SHARD_STATES = (DONE, MISSING, INTERRUPTED, FAILED, GAVE_UP)
+
+FAILURE_KINDS = ("error", "interrupted")
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class FingerprintMismatch(RuntimeError):
+    """A launch whose features would not be comparable with those already in the run directory."""
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{int(shard_id):05d}"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def slurm_ids() -> dict[str, str]:
+    """The SLURM identifiers of this process, if it runs under SLURM."""
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_RESTART_COUNT")
+    return {k.lower(): os.environ[k] for k in keys if k in os.environ}
+
+
+def process_identity(rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "world_size": world_size,
+            "slurm": slurm_ids()}
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the run directory says about one shard."""
+
+    shard_id: int
+    state: str
+    attempts: int
+    last_failure: Optional[dict] = None
+    stats: Optional[dict] = None
+    logs: tuple[str, ...] = ()
+
+    @property
+    def transient_videos(self) -> list[dict]:
+        videos = (self.stats or {}).get("videos", [])
+        return [v for v in videos if v.get("status") in TRANSIENT]
+
+
+@dataclass(frozen=True)
+class RerunPolicy:
+    """Which shards a launch recomputes (see the run-directory contract)."""
+
+    rerun_failed: bool = False
+    overwrite: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+
+    def wants(self, record: ShardRecord) -> bool:
+        if self.overwrite:
+            return True
+        if record.state == DONE:
+            return self.rerun_failed and bool(record.transient_videos)
+        if record.state == GAVE_UP:
+            return self.rerun_failed
+        return True
+
+
+@dataclass
+class RunDir:
+    """A run directory on any fsspec filesystem."""
+
+    url: str
+    fs: Any = field(init=False, repr=False)
+    root: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = fsutil.filesystem(self.url)
+
+    # ----- paths -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return fsutil.join(self.root, *parts)
+
+    @property
+    def run_json(self) -> str:
+        return self.path("run.json")
+
+    def plan_path(self, plan_id: str) -> str:
+        return self.path("plans", f"{plan_id}.json")
+
+    def shard_path(self, shard_id: int) -> str:
+        return self.path("shards", f"{shard_name(shard_id)}.parquet")
+
+    def stats_path(self, shard_id: int) -> str:
+        return self.path("shards", f"{shard_name(shard_id)}.stats.json")
+
+    def marker_path(self, shard_id: int) -> str:
+        return self.path("shards", f"{shard_name(shard_id)}.done")
+
+    def failure_path(self, shard_id: int, attempt: int) -> str:
+        return self.path("failures", f"{shard_name(shard_id)}.{attempt}.json")
+
+    def log_path(self, shard_id: int, attempt: int) -> str:
+        return self.path("logs", f"{shard_name(shard_id)}.{attempt}.log")
+
+    @property
+    def dataset_dir(self) -> str:
+        return self.path("dataset")
+
+    def local_path(self, path: str) -> str:
+        """A path usable by plain ``open``/logging when the run directory is local."""
+        return path if fsutil.is_local(self.fs) else path
+
+    # ----- run.json and the fingerprint --------------------------------------------------
+    def load_run(self) -> Optional[dict]:
+        return fsutil.optional_read_json(self.fs, self.run_json)
+
+    def initialize(self, fingerprint_parts: Mapping[str, Any], config: Mapping[str, Any],
+                   extra: Optional[Mapping[str, Any]] = None) -> dict:
+        """Create ``run.json``, or check that the existing one has the same fingerprint.
+
+        Raises :class:`FingerprintMismatch` naming every part that differs.
+        """
+        fingerprint = compute_fingerprint(fingerprint_parts)
+        existing = self.load_run()
+        if existing is not None:
+            if existing.get("fingerprint") != fingerprint:
+                diff = describe_difference(existing.get("fingerprint_parts", {}), fingerprint_parts)
+                raise FingerprintMismatch(
+                    f"{self.url} holds a run with another fingerprint ({existing.get('fingerprint')} "
+                    f"vs {fingerprint}); its features would not be comparable:\n  - "
+                    + "\n  - ".join(diff or ["(parts unknown)"])
+                    + "\nUse a new run directory, or launch with the run's original settings."
+                )
+            return existing
+        record = {"fingerprint": fingerprint, "fingerprint_parts": dict(fingerprint_parts),
+                  "config": dict(config), "created": utc_now(), **dict(extra or {})}
+        self.fs.makedirs(self.root, exist_ok=True)
+        for sub in ("plans", "shards", "failures", "logs"):
+            self.fs.makedirs(self.path(sub), exist_ok=True)
+        fsutil.write_json_atomic(self.fs, self.run_json, record)
+        return record
+
+    def fingerprint(self) -> str:
+        run = self.load_run()
+        if run is None:
+            raise FileNotFoundError(f"{self.run_json} does not exist: is {self.url} a videofeat run directory?")
+        return run["fingerprint"]
+
+    # ----- plans ---------------------------------------------------------------------------
+    def write_plan(self, plan_id: str, assignments: Sequence[Sequence[int]], meta: Optional[Mapping] = None) -> str:
+        """Freeze ``index -> shard ids`` for one launch; a plan is never rewritten."""
+        path = self.plan_path(plan_id)
+        if self.fs.exists(path):
+            raise FileExistsError(f"plan {path} already exists; plans are frozen")
+        body = {"plan_id": plan_id, "created": utc_now(),
+                "tasks": [[int(s) for s in shards] for shards in assignments], **dict(meta or {})}
+        fsutil.write_json_atomic(self.fs, path, body)
+        return path
+
+    def read_plan(self, plan_id: str) -> dict:
+        return fsutil.read_json(self.fs, self.plan_path(plan_id))
+
+    def list_plans(self) -> list[str]:
+        try:
+            names = self.fs.ls(self.path("plans"), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n.rsplit("/", 1)[-1][:-5] for n in names if n.endswith(".json"))
+
+    # ----- shard state ---------------------------------------------------------------------
+    def _listing(self, sub: str) -> list[str]:
+        try:
+            return [n.rsplit("/", 1)[-1] for n in self.fs.ls(self.path(sub), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def is_done(self, shard_id: int) -> bool:
+        return self.fs.exists(self.marker_path(shard_id))
+
+    def attempts(self, shard_id: int) -> list[int]:
+        """Attempt numbers that left a log or a failure record."""
+        prefix = shard_name(shard_id) + "."
+        numbers = set()
+        for sub in ("logs", "failures"):
+            for name in self._listing(sub):
+                if name.startswith(prefix):
+                    match = re.match(r"\d+\.(\d+)\.", name)
+                    if match:
+                        numbers.add(int(match.group(1)))
+        return sorted(numbers)
+
+    def next_attempt(self, shard_id: int) -> int:
+        attempts = self.attempts(shard_id)
+        return (attempts[-1] + 1) if attempts else 1
+
+    def records(self, shard_ids: Iterable[int], max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> list[ShardRecord]:
+        """The state of each shard, read with one listing per folder."""
+        listings = {sub: set(self._listing(sub)) for sub in ("shards", "failures", "logs")}
+        out = []
+        for shard_id in shard_ids:
+            name = shard_name(shard_id)
+            attempts = sorted({int(m.group(1)) for sub in ("logs", "failures") for n in listings[sub]
+                               if (m := re.match(re.escape(name) + r"\.(\d+)\.", n))})
+            failures = sorted(int(m.group(1)) for n in listings["failures"]
+                              if (m := re.match(re.escape(name) + r"\.(\d+)\.json$", n)))
+            logs = tuple(self.log_path(shard_id, a) for a in attempts if f"{name}.{a}.log" in listings["logs"])
+            if f"{name}.done" in listings["shards"]:
+                stats = fsutil.optional_read_json(self.fs, self.stats_path(shard_id))
+                out.append(ShardRecord(shard_id, DONE, len(attempts), None, stats, logs))
+                continue
+            last_failure = None
+            if attempts and failures and failures[-1] == attempts[-1]:
+                last_failure = fsutil.optional_read_json(self.fs, self.failure_path(shard_id, failures[-1]))
+            if not attempts:
+                state = MISSING
+            elif last_failure is None or last_failure.get("kind") == "interrupted":
+                # A newest attempt with a log but no record died without a word: killed or lost.
+                state = INTERRUPTED
+                if last_failure is None:
+                    last_failure = {"kind": "interrupted", "message":
+                                    f"attempt {attempts[-1]} left no completion marker and no failure record "
+                                    "(the process was killed or its node was lost)"}
+            else:
+                errors = sum(1 for a in failures
+                             if (fsutil.optional_read_json(self.fs, self.failure_path(shard_id, a)) or {})
+                             .get("kind") == "error")
+                state = GAVE_UP if errors >= max_attempts else FAILED
+            out.append(ShardRecord(shard_id, state, len(attempts), last_failure, None, logs))
+        return out
+
+    def plan_incomplete(self, shard_ids: Iterable[int], policy: RerunPolicy = RerunPolicy()) -> list[int]:
+        """Shards this launch must compute, in ascending order."""
+        return [r.shard_id for r in self.records(sorted(set(shard_ids)), policy.max_attempts) if policy.wants(r)]
+
+    # ----- commit protocol -----------------------------------------------------------------
+    def temp_shard_path(self, shard_id: int) -> str:
+        """Where a worker writes a shard before :meth:`commit_shard` moves it into place."""
+        self.fs.makedirs(self.path("shards"), exist_ok=True)
+        return self.path("shards", f".{shard_name(shard_id)}.parquet.tmp-{fsutil.unique_suffix()}")
+
+    def uncommit(self, shard_id: int) -> None:
+        """Before recomputing a completed shard: the marker goes first, so it is never stale."""
+        for path in (self.marker_path(shard_id), self.stats_path(shard_id)):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def commit_shard(self, shard_id: int, temp_path: str, stats: Mapping[str, Any]) -> None:
+        """Move a closed temporary Parquet file into place, write its stats, then the marker."""
+        self.fs.mv(temp_path, self.shard_path(shard_id))
+        fsutil.write_json_atomic(self.fs, self.stats_path(shard_id), dict(stats))
+        fsutil.write_bytes_atomic(self.fs, self.marker_path(shard_id), b"")
+
+    def record_failure(self, shard_id: int, attempt: int, kind: str, message: str,
+                       traceback_tail: str = "", **extra: Any) -> str:
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {kind!r}")
+        body = {"shard_id": int(shard_id), "attempt": attempt, "kind": kind, "message": message,
+                "traceback": traceback_tail[-4000:], "time": utc_now(), **process_identity(), **extra}
+        path = self.failure_path(shard_id, attempt)
+        fsutil.write_json_atomic(self.fs, path, body)
+        return path
+
+    def remove_temporaries(self, shard_id: int) -> None:
+        """Drop leftovers of a killed attempt; they were never visible to readers anyway."""
+        prefix = f".{shard_name(shard_id)}.parquet.tmp-"
+        for name in self._listing("shards"):
+            if name.startswith(prefix):
+                self.fs.rm(self.path("shards", name))
+
+    def done_shards(self) -> list[int]:
+        return sorted(int(n[:-5]) for n in self._listing("shards") if re.fullmatch(r"\d+\.done", n))

@@ -1,0 +1,149 @@
+"""Window arithmetic and the named presets that reproduce the seed's extraction scripts.
+
+A window spans ``span`` frames and advances by ``hop``; ``num_frames`` frames at ``step`` from
+its start feed the model; ``end_frame`` is exclusive. A video of N frames has
+``T = max(0, floor((N - span) / hop) + 1)`` windows. For the seed presets (span 32, hop 16)
+that is ``floor(N/16) - 1`` windows, window i covers ``[16i, 16i + 32)`` and its centre time is
+``(16i + 16) / fps``: what MA-Actionformer and TriDet assume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+
+from .resize import METHODS, FrameResize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which frames feed one window."""
+
+    span: int
+    hop: int
+    num_frames: int
+    step: int
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--span", self.span), ("--hop", self.hop), ("--num-frames", self.num_frames),
+                            ("--frame-step", self.step)):
+            if int(value) < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if (self.num_frames - 1) * self.step >= self.span:
+            raise ValueError(f"--num-frames {self.num_frames} at --frame-step {self.step} reaches frame "
+                             f"{(self.num_frames - 1) * self.step}, outside a --span of {self.span} frames")
+
+    def num_windows(self, total_frames: int) -> int:
+        return max(0, (int(total_frames) - self.span) // self.hop + 1)
+
+    def start(self, window: int) -> int:
+        return window * self.hop
+
+    def end(self, window: int) -> int:
+        return window * self.hop + self.span
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Frame offsets inside a window that feed the model."""
+        return np.arange(self.num_frames) * self.step
+
+    def frame_indices(self, window: int) -> np.ndarray:
+        return self.start(window) + self.offsets
+
+    def windows_starting_in(self, lo: int, hi: Optional[int], total_frames: int) -> range:
+        """Windows whose start lies in ``[lo, hi)`` (``hi=None``: open) and that fit in the video."""
+        count = self.num_windows(total_frames)
+        first = -(-int(lo) // self.hop)
+        last = count if hi is None else min(count, -(-int(hi) // self.hop))
+        return range(first, max(first, last))
+
+    def frames_needed(self, windows: range) -> tuple[int, int]:
+        """The frame range ``[start, end)`` that covers ``windows``."""
+        if len(windows) == 0:
+            return 0, 0
+        return self.start(windows[0]), self.end(windows[-1])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named sampling + preprocessing recipe; every field can be overridden by a flag."""
+
+    name: str
+    sampling: Sampling
+    size: int
+    resize: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    fast_resize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resize not in METHODS:
+            raise ValueError(f"--resize-method must be one of {', '.join(METHODS)}, got {self.resize!r}")
+        if self.size < 16:
+            raise ValueError(f"--size must be >= 16, got {self.size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need three values each, std > 0")
+
+    @property
+    def frame_resize(self) -> FrameResize:
+        return FrameResize(self.resize, self.size, self.fast_resize)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["sampling"] = asdict(self.sampling)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+
+PRESETS: dict[str, Preset] = {
+    # The seed's ViT-L script: 32 consecutive frames, PIL bilinear squash to 224.
+    "aicity-vitl": Preset("aicity-vitl", Sampling(span=32, hop=16, num_frames=32, step=1), 224, "pil_bilinear"),
+    # The seed's ViT-H script: 16 frames at step 2, F.interpolate squash to 224.
+    "aicity-vith": Preset("aicity-vith", Sampling(span=32, hop=16, num_frames=16, step=2), 224,
+                          "interpolate_bilinear"),
+    # VideoMAE's own fine-tuning sampling: 16 frames at step 4, short side 224 + centre crop.
+    "videomae-16x4": Preset("videomae-16x4", Sampling(span=64, hop=16, num_frames=16, step=4), 224,
+                            "short_side_crop"),
+}
+
+
+def resolve_preset(name: str, *, span: Optional[int] = None, hop: Optional[int] = None,
+                   num_frames: Optional[int] = None, step: Optional[int] = None, size: Optional[int] = None,
+                   resize_method: Optional[str] = None, fast_resize: bool = False) -> Preset:
+    """The preset ``name`` with any overrides applied (None keeps the preset's value)."""
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    base = PRESETS[name]
+    s = base.sampling
+    sampling = Sampling(span if span is not None else s.span, hop if hop is not None else s.hop,
+                        num_frames if num_frames is not None else s.num_frames,
+                        step if step is not None else s.step)
+    return replace(base, sampling=sampling, size=size if size is not None else base.size,
+                   resize=resize_method or base.resize, fast_resize=fast_resize)
+
+
+def window_times(sampling: Sampling, windows: range, fps: float,
+                 pts: Optional[dict[int, float]] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start_s, end_s, center_s) per window.
+
+    CFR: frame index / exact fps, centre ``(start + span/2) / fps``. VFR (``pts`` given: frame
+    index -> timestamp): start and centre from the timestamps of those frames, end from the last
+    frame's timestamp plus one nominal frame duration.
+    """
+    starts = np.array([sampling.start(w) for w in windows], dtype=np.int64)
+    half = sampling.span / 2.0
+    if pts is None:
+        return starts / fps, (starts + sampling.span) / fps, (starts + half) / fps
+    centre_frames = starts + int(half)
+    start_s = np.array([pts[int(s)] for s in starts])
+    end_s = np.array([pts[int(s) + sampling.span - 1] + 1.0 / fps for s in starts])
+    if half == int(half):
+        center_s = np.array([pts[int(c)] for c in centre_frames])
+    else:
+        center_s = np.array([(pts[int(c)] + pts.get(int(c) + 1, pts[int(c)])) / 2 for c in centre_frames])
+    return start_s, end_s, center_s

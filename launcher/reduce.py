@@ -1,0 +1,66 @@
+"""Merge the completed shards of a run into one Parquet file per view, after checking completeness.
+
+Runs as ``videofeat reduce RUN_DIR``, as ``python launcher/reduce.py RUN_DIR`` and as the SLURM
+job that follows an extraction array. Exit status: 0 when the dataset was written (videos with a
+permanent status are listed, not errors), 1 when the run is incomplete (the message names the
+missing, failed or interrupted shards and videos and the command that reruns them), 2 on bad
+input. Imports neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+log = logging.getLogger("videofeat.reduce")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (local path or fsspec URL)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="dataset folder (default RUN_DIR/dataset); summary.json is written beside the files")
+    parser.add_argument("--manifest", default=None,
+                        help="manifest to check against (default: the one named in run.json)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="write what exists and record what is missing instead of failing")
+    parser.add_argument("--marker-wait", type=float, default=60.0, metavar="SECONDS",
+                        help="on shared filesystems, how long to re-check the marker of a shard that started "
+                             "but shows none (bounded backoff, at most 60; default 60)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from videofeat.workers.reducer import IncompleteRun, ReduceConfig, format_summary, reduce_run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = ReduceConfig(run_dir=args.run_dir, output=args.output, manifest=args.manifest,
+                              allow_partial=args.allow_partial, marker_wait_s=args.marker_wait)
+        summary = reduce_run(config)
+    except IncompleteRun as error:
+        print(f"videofeat reduce: {error}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as error:
+        print(f"videofeat reduce: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from videofeat.launcher.cli import apply_config_defaults, build_command_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, _ = build_command_parser("reduce")
+    parser.prog = "python launcher/reduce.py"
+    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    apply_config_defaults(parser, config_path)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Completeness check of a run directory, before anything is merged.
+
+What the reducer trusts: a shard with a completion marker whose Parquet metadata carries the
+run's fingerprint. What it expects: every manifest row of the run's views. A video is
+
+- *complete* when its status is ``ok`` or ``frame_count_mismatch`` and its shards hold exactly
+  the windows ``0 .. T-1`` with ``T = max(0, (N - span) // hop + 1)`` and ``N`` the frames
+  really decoded (pieces of a split video stitch with no gap and no overlap);
+- *expected absent* when its status is permanent (empty, unreadable, too short): listed, never
+  an error;
+- *incomplete* otherwise: its shard is missing, failed or interrupted, the video failed
+  transiently, or the rows disagree with the counts. Incomplete input makes the reducer fail
+  unless ``--allow-partial``.
+
+Only the small ``window_index`` column is read here; features are read once, by the merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from videofeat.manifests import fsutil
+from videofeat.manifests.ledger import DONE, INTERRUPTED, RunDir, ShardRecord
+from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.manifests.views import canonical_view
+from videofeat.workers.shard_io import read_shard_metadata
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("video_id", "session_id", "view", "status", "error", "num_frames", "fps",
+                    "duration_s", "shard_id", "piece_index", "num_pieces", "piece_start_frame",
+                    "piece_end_frame")
+MAX_MARKER_WAIT_S = 60.0
+
+
+def expected_windows(frames: int, span: int, hop: int) -> int:
+    """Window count of a video of ``frames`` decoded frames (windows start at 0, every ``hop``)."""
+    return max(0, (int(frames) - span) // hop + 1)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the reducer needs from ``run.json``, read defensively (writers may nest keys)."""
+
+    run_url: str
+    fingerprint: str
+    manifest: str
+    views: tuple[str, ...]
+    span: int
+    hop: int
+    num_frames: Optional[int]
+    step: Optional[int]
+    feature_dim: Optional[int]
+    num_classes: Optional[int]
+    run: dict = field(repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.span < 1 or self.hop < 1:
+            raise ValueError(f"{self.run_url}/run.json: preset span and hop must be >= 1 "
+                             f"(got span={self.span}, hop={self.hop})")
+
+
+def _lookup(run: dict, key: str) -> Any:
+    """``key`` from run.json's top level, its config, or the config's preset."""
+    config = run.get("config") or {}
+    for place in (run, config, config.get("preset") or {}, run.get("preset") or {},
+                  run.get("fingerprint_parts") or {}):
+        if isinstance(place, dict) and place.get(key) is not None:
+            return place[key]
+    return None
+
+
+def load_run_info(run_dir: RunDir, manifest_override: Optional[str] = None) -> RunInfo:
+    run = run_dir.load_run()
+    if run is None:
+        raise FileNotFoundError(f"{run_dir.run_json} does not exist: is {run_dir.url} a videofeat run "
+                                "directory? (`videofeat extract MANIFEST -o RUN_DIR` creates one)")
+    manifest = manifest_override or _lookup(run, "manifest") or _lookup(run, "manifest_path")
+    if not manifest:
+        raise ValueError(f"{run_dir.run_json} names no manifest: pass --manifest MANIFEST.parquet")
+    span = _lookup(run, "span")
+    hop = _lookup(run, "hop")
+    if span is None or hop is None:
+        raise ValueError(f"{run_dir.run_json} has no preset span/hop (config.preset.span, config.preset.hop); "
+                         "was it written by `videofeat extract`?")
+    views = _lookup(run, "views") or ()
+    if isinstance(views, str):
+        views = views.split(",")
+    return RunInfo(
+        run_url=run_dir.url, fingerprint=run["fingerprint"], manifest=str(manifest),
+        views=tuple(canonical_view(v) for v in views), span=int(span), hop=int(hop),
+        num_frames=_maybe_int(_lookup(run, "num_frames")), step=_maybe_int(_lookup(run, "step")),
+        feature_dim=_maybe_int(_lookup(run, "feature_dim")),
+        num_classes=_maybe_int(_lookup(run, "num_classes")), run=run,
+    )
+
+
+def _maybe_int(value: Any) -> Optional[int]:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One manifest row: a whole video (piece 0 of 1) or the windows starting in [start, end)."""
+
+    shard_id: Optional[int]
+    piece_index: int
+    start: int
+    end: int
+
+
+@dataclass
+class VideoCheck:
+    """The verdict on one video. ``sources`` is what the merge reads: (shard, row groups)."""
+
+    video_id: str
+    session_id: str
+    view: str
+    status: str
+    error: Optional[str]
+    fps: Optional[float]
+    duration_s: Optional[float]
+    pieces: list[Piece]
+    verdict: str = "incomplete"          # complete | absent | incomplete
+    reason: str = ""
+    windows: int = 0
+    frames_decoded: int = 0
+    sources: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+@dataclass
+class CheckReport:
+    info: RunInfo
+    videos: list[VideoCheck]
+    shards: dict[int, ShardRecord]
+    foreign_shards: dict[int, str]
+    shard_meta: dict[int, dict]
+    stats: dict[int, dict]
+
+    def by_verdict(self, verdict: str) -> list[VideoCheck]:
+        return [v for v in self.videos if v.verdict == verdict]
+
+    @property
+    def complete(self) -> bool:
+        return not self.by_verdict("incomplete")
+
+    def bad_shards(self) -> dict[str, list[int]]:
+        """Needed shards that are not usable, by state (missing, failed, interrupted, ...)."""
+        out: dict[str, list[int]] = defaultdict(list)
+        for shard_id, record in sorted(self.shards.items()):
+            if shard_id in self.foreign_shards:
+                out["other fingerprint"].append(shard_id)
+            elif record.state != DONE:
+                out[record.state].append(shard_id)
+        return dict(out)
+
+    def rerun_commands(self) -> list[str]:
+        """The commands that recompute what is incomplete."""
+        incomplete = self.by_verdict("incomplete")
+        commands = []
+        if any(v.status not in TRANSIENT or not _shard_done(self, v) for v in incomplete):
+            commands.append(rerun_command(self.info, rerun_failed=False))
+        if any(v.status in TRANSIENT and _shard_done(self, v) for v in incomplete):
+            commands.append(rerun_command(self.info, rerun_failed=True))
+        for shard_id in sorted(self.foreign_shards):
+            commands.append(f"rm {self.info.run_url}/shards/{shard_id:05d}.done   "
+                            f"# shard {shard_id} holds another run's rows; then rerun")
+        return commands
+
+    def describe_incomplete(self, limit: int = 20) -> str:
+        lines = []
+        for state, ids in self.bad_shards().items():
+            names = ", ".join(f"{s:05d}" for s in ids[:limit]) + (" ..." if len(ids) > limit else "")
+            lines.append(f"  shards {state} ({len(ids)}): {names}")
+            for shard_id in ids[:3]:
+                failure = self.shards[shard_id].last_failure
+                if failure and failure.get("message"):
+                    lines.append(f"    {shard_id:05d}: {failure['message'].strip().splitlines()[-1][:200]}")
+        incomplete = self.by_verdict("incomplete")
+        lines.append(f"  videos incomplete ({len(incomplete)}):")
+        for video in incomplete[:limit]:
+            lines.append(f"    {video.video_id} [{video.view}]: {video.reason}")
+        if len(incomplete) > limit:
+            lines.append(f"    ... and {len(incomplete) - limit} more")
+        lines.append("  rerun with:")
+        lines += [f"    {c}" for c in self.rerun_commands()]
+        return "\n".join(lines)
+
+
+def _shard_done(report: CheckReport, video: VideoCheck) -> bool:
+    return all(p.shard_id is not None and report.shards.get(p.shard_id) is not None
+               and report.shards[p.shard_id].state == DONE and p.shard_id not in report.foreign_shards
+               for p in video.pieces)
+
+
+def rerun_command(info: RunInfo, rerun_failed: bool = False) -> str:
+    """``videofeat extract`` with the run's own flags: a plain rerun computes only what is missing."""
+    run = info.run
+    argv = run.get("argv") or (run.get("config") or {}).get("argv")
+    if isinstance(argv, list) and argv:
+        words = [str(a) for a in argv]
+        if words[:2] != ["videofeat", "extract"]:
+            words = ["videofeat", "extract"] + words
+    else:
+        words = ["videofeat", "extract", info.manifest, "-o", info.run_url]
+        config = run.get("config") or {}
+        preset = config.get("preset")
+        if isinstance(preset, dict) and preset.get("name"):
+            words += ["--preset", str(preset["name"])]
+        elif isinstance(preset, str):
+            words += ["--preset", preset]
+        for key in ("model", "views"):
+            value = config.get(key) or run.get(key)
+            if value:
+                words += [f"--{key}", ",".join(value) if isinstance(value, (list, tuple)) else str(value)]
+        checkpoints = config.get("checkpoints") or config.get("checkpoint") or run.get("checkpoints")
+        if isinstance(checkpoints, dict):
+            for view, path in sorted(checkpoints.items()):
+                words += ["--checkpoint", f"{view}={path}"]
+        elif isinstance(checkpoints, str):
+            words += ["--checkpoint", checkpoints]
+    words = [w for w in words if w not in ("--rerun-failed", "--overwrite")]
+    if rerun_failed:
+        words.append("--rerun-failed")
+    return shlex.join(words)
+
+
+# ----- reading the manifest ------------------------------------------------------------------
+def read_expected(info: RunInfo) -> list[VideoCheck]:
+    """One entry per video of the run's views, in (view, video_id) order, pieces in order."""
+    fs, path = fsutil.filesystem(info.manifest)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"manifest {info.manifest} (named in {info.run_url}/run.json) does not exist; "
+                                "pass --manifest with its current location")
+    schema = pq.read_schema(path, filesystem=fs)
+    missing = [c for c in ("video_id", "view", "status", "shard_id") if c not in schema.names]
+    if missing:
+        raise ValueError(f"{info.manifest} is not a videofeat manifest (no column {', '.join(missing)}); "
+                         "write it with `videofeat manifest`")
+    columns = [c for c in MANIFEST_COLUMNS if c in schema.names]
+    rows = pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
+    videos: dict[str, VideoCheck] = {}
+    for row in rows:
+        view = canonical_view(row["view"])
+        if info.views and view not in info.views:
+            continue
+        shard = row.get("shard_id")
+        piece = Piece(None if shard is None else int(shard), int(row.get("piece_index") or 0),
+                      int(row.get("piece_start_frame") or 0),
+                      int(row["piece_end_frame"] if row.get("piece_end_frame") is not None
+                          else row.get("num_frames") or 0))
+        video = videos.get(row["video_id"])
+        if video is None:
+            video = videos[row["video_id"]] = VideoCheck(
+                video_id=row["video_id"], session_id=row.get("session_id") or row["video_id"], view=view,
+                status=row.get("status") or "ok", error=row.get("error"), fps=row.get("fps"),
+                duration_s=row.get("duration_s"), pieces=[])
+        video.pieces.append(piece)
+    for video in videos.values():
+        video.pieces.sort(key=lambda p: (p.start, p.piece_index))
+    return sorted(videos.values(), key=lambda v: (v.view, v.video_id))
+
+
+# ----- the check -----------------------------------------------------------------------------
+def check_run(run_dir: RunDir, info: RunInfo, marker_wait_s: float = MAX_MARKER_WAIT_S) -> CheckReport:
+    """Judge every video of the run; reads stats, footers and ``window_index`` columns only."""
+    videos = read_expected(info)
+    needed = sorted({p.shard_id for v in videos for p in v.pieces if p.shard_id is not None})
+    records = {r.shard_id: r for r in run_dir.records(needed)}
+    records = _wait_for_markers(run_dir, records, min(marker_wait_s, MAX_MARKER_WAIT_S))
+    shard_meta: dict[int, dict] = {}
+    foreign: dict[int, str] = {}
+    stats: dict[int, dict] = {}
+    for shard_id, record in records.items():
+        if record.state != DONE:
+            continue
+        meta = read_shard_metadata(run_dir.shard_path(shard_id), run_dir.fs)
+        shard_meta[shard_id] = meta
+        stats[shard_id] = record.stats or {}
+        if meta.get("fingerprint") != info.fingerprint:
+            foreign[shard_id] = str(meta.get("fingerprint"))
+            log.warning("shard %05d carries fingerprint %s, the run's is %s: ignored",
+                        shard_id, meta.get("fingerprint"), info.fingerprint)
+    report = CheckReport(info, videos, records, foreign, shard_meta, stats)
+    stats_index = {(shard_id, v["video_id"], int(v.get("piece_start_frame") or 0)): v
+                   for shard_id, s in stats.items() for v in s.get("videos", [])}
+    with ShardFiles(run_dir) as files:
+        for video in videos:
+            _judge(report, video, stats_index, files)
+    return report
+
+
+def _wait_for_markers(run_dir: RunDir, records: dict[int, ShardRecord], budget_s: float) -> dict[int, ShardRecord]:
+    """Give markers written on another node time to show up on a shared filesystem.
+
+    Only shards that started an attempt and left neither a marker nor a failure record can be
+    in flight; shards never attempted, or that failed, are not waited for.
+    """
+    pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.last_failure
+               and "left no completion marker" in str(r.last_failure.get("message", ""))]
+    if not pending or budget_s <= 0:
+        return records
+    deadline = time.monotonic() + budget_s
+    for shard_id in pending:
+        remaining = max(0.0, deadline - time.monotonic())
+        if fsutil.exists_with_backoff(run_dir.fs, run_dir.marker_path(shard_id), remaining):
+            records[shard_id] = run_dir.records([shard_id])[0]
+    return records
+
+
+def _judge(report: CheckReport, video: VideoCheck, stats_index: dict, files: ShardFiles) -> None:
+    if all(p.shard_id is None for p in video.pieces):
+        if video.status in PERMANENT:
+            video.verdict, video.reason = "absent", video.error or video.status
+        else:
+            video.reason = (f"manifest status {video.status} ({video.error or 'no error text'}) and no shard: "
+                            "rebuild the manifest with `videofeat manifest`")
+        return
+    entries = []
+    for piece in video.pieces:
+        record = report.shards.get(piece.shard_id)
+        if piece.shard_id is None or record is None:
+            video.reason = f"piece {piece.piece_index} has no shard in the manifest"
+            return
+        if record.state != DONE:
+            video.reason = f"shard {piece.shard_id:05d} is {record.state}"
+            return
+        if piece.shard_id in report.foreign_shards:
+            video.reason = f"shard {piece.shard_id:05d} holds rows of another fingerprint"
+            return
+        entry = stats_index.get((piece.shard_id, video.video_id, piece.start))
+        if entry is None:
+            video.reason = f"shard {piece.shard_id:05d} is done but its stats have no record of this video"
+            return
+        entries.append((piece, entry))
+    statuses = [e.get("status") for _, e in entries]
+    transient = [s for s in statuses if s in TRANSIENT]
+    if transient:
+        video.status = transient[0]
+        errors = [e.get("error") for _, e in entries if e.get("status") in TRANSIENT]
+        video.error = errors[0]
+        video.reason = f"{transient[0]}: {video.error or 'no error text'} (transient: rerun with --rerun-failed)"
+        return
+    permanent = [s for s in statuses if s in PERMANENT]
+    if permanent:
+        video.status = permanent[0]
+        video.error = next((e.get("error") for _, e in entries if e.get("status") in PERMANENT), None)
+        video.verdict, video.reason = "absent", video.error or video.status
+        return
+    unknown = [s for s in statuses if s not in HAS_WINDOWS]
+    if unknown:
+        video.reason = f"unexpected status {unknown[0]!r} in the shard stats"
+        return
+    video.status = "frame_count_mismatch" if "frame_count_mismatch" in statuses else "ok"
+    video.error = next((e.get("error") for _, e in entries if e.get("error")), video.error)
+    _check_windows(report, video, entries, files)
+
+
+def _check_windows(report: CheckReport, video: VideoCheck, entries: list, files: ShardFiles) -> None:
+    info = report.info
+    # Each piece decodes from its start frame, so the video's decoded length is where the
+    # furthest piece stopped; for a whole video that is simply frames_decoded.
+    frames = max((piece.start + int(e.get("frames_decoded") or 0)) for piece, e in entries)
+    total = expected_windows(frames, info.span, info.hop)
+    video.frames_decoded, video.windows = frames, total
+    got_parts: list[np.ndarray] = []
+    sources: list[tuple[int, list[int]]] = []
+    for shard_id in dict.fromkeys(p.shard_id for p, _ in entries):
+        groups = report.shard_meta[shard_id].get("row_groups", {}).get(video.video_id, [])
+        if groups:
+            got_parts.append(files.get(shard_id).read_row_groups(groups, columns=["window_index"])
+                             .column("window_index").to_numpy())
+            sources.append((shard_id, list(groups)))
+    got = np.concatenate(got_parts) if got_parts else np.zeros(0, dtype=np.int32)
+    stated = sum(int(e.get("windows") or 0) for _, e in entries)
+    want = np.arange(total)
+    if got.size == total and np.array_equal(np.sort(got), want):
+        if stated != total:
+            video.reason = f"stats record {stated} windows, the shards hold {total}"
+            return
+        video.verdict, video.reason, video.sources = "complete", "", sources
+        return
+    unique, counts = np.unique(got, return_counts=True)
+    duplicates = unique[counts > 1]
+    absent = np.setdiff1d(want, unique)
+    extra = np.setdiff1d(unique, want)
+    parts = [f"expected {total} windows from {frames} decoded frames (span {info.span}, hop {info.hop}), "
+             f"found {got.size}"]
+    if duplicates.size:
+        parts.append(f"duplicate window_index {_ranges(duplicates)}")
+    if absent.size:
+        parts.append(f"missing window_index {_ranges(absent)}")
+    if extra.size:
+        parts.append(f"unexpected window_index {_ranges(extra)}")
+    video.reason = "; ".join(parts)
+
+
+class ShardFiles:
+    """Shard files opened lazily; a few stay open because neighbouring videos share shards."""
+
+    def __init__(self, run_dir: RunDir, keep: int = 8):
+        self._run_dir = run_dir
+        self._keep = keep
+        self._open: dict[int, tuple[Any, pq.ParquetFile]] = {}
+
+    def get(self, shard_id: int) -> pq.ParquetFile:
+        if shard_id not in self._open:
+            if len(self._open) >= self._keep:
+                self._close(next(iter(self._open)))
+            handle = self._run_dir.fs.open(self._run_dir.shard_path(shard_id), "rb")
+            self._open[shard_id] = (handle, pq.ParquetFile(handle))
+        return self._open[shard_id][1]
+
+    def _close(self, shard_id: int) -> None:
+        handle, parquet = self._open.pop(shard_id)
+        parquet.close()
+        handle.close()
+
+    def close(self) -> None:
+        for shard_id in list(self._open):
+            self._close(shard_id)
+
+    def __enter__(self) -> "ShardFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _ranges(values: Sequence[int], limit: int = 6) -> str:
+    """``[0, 1, 2, 7]`` -> ``0-2, 7``."""
+    values = sorted(int(v) for v in values)
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans[:limit])
+    return text + (" ..." if len(spans) > limit else "")

@@ -6,6 +6,7 @@ demuxer). Returns a plain dict, so ``manifests/`` never needs to import a decode
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from typing import Any, Optional
 
@@ -36,7 +37,9 @@ def probe_video(uri: str) -> dict[str, Any]:
     except (FileNotFoundError, OSError) as exc:
         return {**record, "status": UNREADABLE, "error": f"cannot read {uri}: {exc}"}
     record["size_bytes"] = size
-    if size == 0:
+    # A FIFO or device also reports size 0; only a regular file of size 0 is known empty. The
+    # rest is opened, and the caller's timeout guards against a read that never returns.
+    if size == 0 and (handle is not None or os.path.isfile(source)):
         return {**record, "status": EMPTY, "error": f"{uri} is an empty (zero-byte) file"}
     import av
 

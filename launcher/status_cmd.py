@@ -1,0 +1,108 @@
+"""Show a run's shards (done, failed, interrupted, missing) and every video without windows."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
+from videofeat.manifests.manifest import read_manifest
+from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+
+LOG_TAIL_LINES = 5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by `videofeat extract`")
+    parser.add_argument("--max-attempts", type=int, default=3, help="as given to extract: failures before giving up")
+    parser.add_argument("--all", action="store_true", help="list done shards too")
+
+
+def rerun_command(run: dict, run_dir: str, extra: str = "") -> str:
+    """The extract command that recomputes what is missing in ``run_dir`` (a plain rerun)."""
+    argv = (run.get("config") or {}).get("argv")
+    if argv:
+        words = list(argv)
+        if extra and extra not in words:
+            words.append(extra)
+        return "videofeat extract " + " ".join(shlex.quote(w) for w in words)
+    manifest = run.get("manifest", "MANIFEST.parquet")
+    return f"videofeat extract {shlex.quote(manifest)} -o {shlex.quote(run_dir)} ... (the run's flags){' ' + extra if extra else ''}"
+
+
+def _log_tail(run_dir: RunDir, path: str) -> list[str]:
+    try:
+        with run_dir.fs.open(path, "rb") as handle:
+            lines = handle.read().decode(errors="replace").splitlines()
+        return lines[-LOG_TAIL_LINES:]
+    except FileNotFoundError:
+        return []
+
+
+def _where(record: ShardRecord) -> str:
+    info = (record.stats or record.last_failure or {})
+    slurm = info.get("slurm") or {}
+    parts = []
+    if info.get("host"):
+        parts.append(f"host {info['host']} rank {info.get('rank', 0)}")
+    if slurm.get("slurm_array_job_id"):
+        parts.append(f"array task {slurm['slurm_array_job_id']}_{slurm.get('slurm_array_task_id')}")
+    elif slurm.get("slurm_job_id"):
+        parts.append(f"job {slurm['slurm_job_id']}")
+    return ", ".join(parts)
+
+
+def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
+    """Everything the status table shows, as data (tests and the reducer read it too)."""
+    run = run_dir.load_run()
+    if run is None:
+        raise SystemExit(f"{run_dir.url} has no run.json: not a videofeat run directory (or nothing ran yet)")
+    manifest = read_manifest(run["manifest"]).to_pylist()
+    views = set(run.get("views") or []) or {r["view"] for r in manifest}
+    rows = [r for r in manifest if r["view"] in views]
+    shard_ids = sorted({r["shard_id"] for r in rows if r["shard_id"] is not None})
+    records = run_dir.records(shard_ids, max_attempts)
+    no_windows = [(r["video_id"], r["status"], r["error"], "manifest") for r in rows if r["shard_id"] is None]
+    for record in records:
+        for video in (record.stats or {}).get("videos", []):
+            if video["status"] not in HAS_WINDOWS or not video.get("windows"):
+                if video["status"] in HAS_WINDOWS:
+                    continue  # a piece with no window start inside it: nothing is missing
+                no_windows.append((video["video_id"], video["status"], video.get("error"), f"shard {record.shard_id}"))
+    return {"run": run, "records": records, "no_windows": no_windows}
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    data = collect(run_dir, args.max_attempts)
+    records: list[ShardRecord] = data["records"]
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.state] = counts.get(record.state, 0) + 1
+    print(f"{args.run_dir}: {len(records)} shards: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for record in records:
+        if record.state == DONE and not args.all:
+            continue
+        where = _where(record)
+        line = f"  {record.shard_id:05d} {record.state:<11} attempts {record.attempts}" + (f"  ({where})" if where else "")
+        print(line)
+        if record.last_failure:
+            print(f"        {record.last_failure.get('kind')}: {record.last_failure.get('message')}")
+        if record.logs:
+            print(f"        log: {record.logs[-1]}")
+            for tail in _log_tail(run_dir, record.logs[-1]) if record.state != DONE else []:
+                print(f"        | {tail}")
+    transient = [v for v in data["no_windows"] if v[1] in TRANSIENT]
+    if data["no_windows"]:
+        print(f"videos without windows ({len(data['no_windows'])}):")
+        for video_id, status, error, where in data["no_windows"]:
+            kind = "permanent" if status in PERMANENT else "transient" if status in TRANSIENT else status
+            print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
+    pending = [r for r in records if r.state != DONE]
+    if pending:
+        print("rerun what is missing or failed with:\n  " + rerun_command(data["run"], args.run_dir))
+    if transient:
+        print("recompute the shards whose videos failed transiently with:\n  "
+              + rerun_command(data["run"], args.run_dir, "--rerun-failed"))
+    if not pending and not transient:
+        print("all shards are done; next: videofeat reduce " + shlex.quote(args.run_dir))
+    return 0

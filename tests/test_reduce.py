@@ -16,7 +16,7 @@ import pytest
 
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.status import PERMANENT
-from videofeat.workers.reduce_check import expected_windows
+from videofeat.workers.run_info import expected_windows
 from videofeat.workers.reducer import IncompleteRun, ReduceConfig, reduce_run
 from videofeat.workers.shard_io import ShardWriter, read_shard_metadata, shard_schema
 

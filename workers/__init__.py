@@ -1,0 +1,1 @@
+"""What runs on each rank: decoding, windows, batched inference, shard writing, reduction, exports."""

@@ -73,7 +73,9 @@ def write_multiview(dataset: "Dataset", views: list[str], fs: Any, root: str) ->
     tmp = f"{path}.tmp-{fsutil.unique_suffix()}"
     mismatched, rows = [], 0
     hop = dataset.preset.get("hop")
-    writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd")
+    ids = ["session_id"] + [f"{view}_video_id" for view in views]
+    writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd", use_dictionary=ids,
+                              write_statistics=ids + ["window_index"])
     try:
         for session, members in sessions.items():
             tables = {view: files[view].read_row_group(group) for view, (_, group) in members.items()}

@@ -104,7 +104,11 @@ def _merge_view(report: CheckReport, view: str, videos: list[VideoCheck], files:
     lineage = {k: v for k, v in report.shard_meta[sources[0]].items() if k != "row_groups"}
     tmp = f"{path}.tmp-{fsutil.unique_suffix()}"
     row_groups: dict[str, list[int]] = {}
-    writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd")
+    # Dictionary pages and statistics pay off for the id columns only; on feature floats they
+    # cost most of the write time and save nothing.
+    ids = [name for name in ("video_id", "session_id", "view") if name in schema.names]
+    writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd", use_dictionary=ids,
+                              write_statistics=ids + ["window_index"])
     try:
         for video in videos:
             if video.verdict != "complete" or not video.sources:

@@ -98,7 +98,10 @@ def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, class
                 t = expected_windows(n, SPAN, HOP)
                 idx = np.array([k for k in range(t) if start <= k * HOP < end or (end >= v.frames and k * HOP >= start)])
                 last_frame = min(n, max(end, (idx[-1] * HOP + SPAN) if len(idx) else end))
-                record.update(frames_decoded=int(last_frame - start), windows=len(idx))
+                decode_start = -(-start // HOP) * HOP
+                record.update(frames_decoded=int(max(0, last_frame - decode_start)), windows=len(idx))
+                if not len(idx):  # what the worker says of a piece past the real end of its video
+                    record.update(status="too_short", error=f"{record['frames_decoded']} frames decoded")
                 if len(idx):
                     writer.write_video(
                         video_id=v.video_id, session_id=v.session, view=v.view, window_index=idx,
@@ -258,6 +261,14 @@ def test_split_videos_stitch_and_gaps_are_caught(tmp_path):
     assert np.stack(rear.column("feature").to_numpy(zero_copy_only=False))[:, 0].tolist() == list(range(30))
     assert summary["views"]["dashboard"]["windows"] == expected_windows(470, SPAN, HOP)
     assert summary["videos_by_status"] == {"frame_count_mismatch": 1, "ok": 1}
+
+    # the video is shorter than probed: its last piece decodes 20 frames, no window of its own
+    shorter = Video("user_id_7_NoAudio_3", "rear", 500, pieces=[(0, 0, 160), (1, 160, 500)],
+                    status="frame_count_mismatch", decoded=180)
+    run3 = make_run(tmp_path / "c", [shorter])
+    summary = reduce_run(ReduceConfig(run3.url, marker_wait_s=0))
+    assert summary["views"]["rear"]["windows"] == expected_windows(180, SPAN, HOP) == 10
+    assert summary["videos_by_status"] == {"frame_count_mismatch": 1}
 
     # pieces that do not meet (the first ends at 144, the next starts at 160) leave a gap
     broken = Video("user_id_7_NoAudio_2", "rear", 500, pieces=[(0, 0, 144), (1, 160, 336), (2, 336, 500)])

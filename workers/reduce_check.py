@@ -252,25 +252,29 @@ def _judge(report: CheckReport, video: VideoCheck, stats_index: dict, files: Sha
         video.reason = f"{transient[0]}: {video.error or 'no error text'} (transient: rerun with --rerun-failed)"
         return
     permanent = [s for s in statuses if s in PERMANENT]
-    if permanent:
+    # A piece past the real end of a video (shorter than probed) is too short on its own while
+    # the pieces before it hold the windows: only a video whose every piece is permanent is absent.
+    if permanent and len(permanent) == len(statuses):
         video.status = permanent[0]
         video.error = next((e.get("error") for _, e in entries if e.get("status") in PERMANENT), None)
         video.verdict, video.reason = "absent", video.error or video.status
         return
-    unknown = [s for s in statuses if s not in HAS_WINDOWS]
+    unknown = [s for s in statuses if s not in HAS_WINDOWS and s not in PERMANENT]
     if unknown:
         video.reason = f"unexpected status {unknown[0]!r} in the shard stats"
         return
-    video.status = "frame_count_mismatch" if "frame_count_mismatch" in statuses else "ok"
+    video.status = "frame_count_mismatch" if "frame_count_mismatch" in statuses or permanent else "ok"
     video.error = next((e.get("error") for _, e in entries if e.get("error")), video.error)
     _check_windows(report, video, entries, files)
 
 
 def _check_windows(report: CheckReport, video: VideoCheck, entries: list, files: ShardFiles) -> None:
     info = report.info
-    # Each piece decodes from its start frame, so the video's decoded length is where the
-    # furthest piece stopped; for a whole video that is simply frames_decoded.
-    frames = max((piece.start + int(e.get("frames_decoded") or 0)) for piece, e in entries)
+    # A piece decodes from the start of its first window (the first multiple of hop at or after
+    # its start frame), so the video's decoded length is where the furthest piece stopped; for a
+    # whole video that is simply frames_decoded.
+    hop = info.hop
+    frames = max((-(-piece.start // hop) * hop + int(e.get("frames_decoded") or 0)) for piece, e in entries)
     total = expected_windows(frames, info.span, info.hop)
     video.frames_decoded, video.windows = frames, total
     got_parts: list[np.ndarray] = []

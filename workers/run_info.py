@@ -43,10 +43,10 @@ class RunInfo:
 
 
 def _lookup(run: dict, key: str) -> Any:
-    """``key`` from run.json's top level, its config, or the config's preset."""
+    """``key`` from run.json's top level, its config, or wherever the sampling parameters sit."""
     config = run.get("config") or {}
-    for place in (run, config, config.get("preset") or {}, run.get("preset") or {},
-                  run.get("fingerprint_parts") or {}):
+    for place in (run, config, run.get("sampling"), config.get("sampling"), config.get("preset"), run.get("preset"),
+                  (run.get("fingerprint_parts") or {}).get("preset"), run.get("fingerprint_parts")):
         if isinstance(place, dict) and place.get(key) is not None:
             return place[key]
     return None
@@ -81,33 +81,34 @@ def _maybe_int(value: Any) -> Optional[int]:
     return None if value is None else int(value)
 
 
+# (config key, flag, default): the extraction flags that change features; speed flags are left out.
+_FEATURE_FLAGS = (("model", "--model", None), ("span", "--span", None), ("hop", "--hop", None),
+                  ("num_frames", "--num-frames", None), ("frame_step", "--frame-step", None),
+                  ("size", "--size", None), ("resize", "--resize", "exact"), ("decoder", "--decoder", "pyav"),
+                  ("dtype", "--dtype", "auto"), ("feature_dtype", "--feature-dtype", "float32"))
+
+
 def rerun_command(info: RunInfo, rerun_failed: bool = False) -> str:
     """``videofeat extract`` with the run's own flags: a plain rerun computes only what is missing."""
-    run = info.run
-    argv = run.get("argv") or (run.get("config") or {}).get("argv")
-    if isinstance(argv, list) and argv:
-        words = [str(a) for a in argv]
-        if words[:2] != ["videofeat", "extract"]:
-            words = ["videofeat", "extract"] + words
-    else:
-        words = ["videofeat", "extract", info.manifest, "-o", info.run_url]
-        config = run.get("config") or {}
-        preset = config.get("preset")
-        if isinstance(preset, dict) and preset.get("name"):
-            words += ["--preset", str(preset["name"])]
-        elif isinstance(preset, str):
-            words += ["--preset", preset]
-        for key in ("model", "views"):
-            value = config.get(key) or run.get(key)
-            if value:
-                words += [f"--{key}", ",".join(value) if isinstance(value, (list, tuple)) else str(value)]
-        checkpoints = config.get("checkpoints") or config.get("checkpoint") or run.get("checkpoints")
-        if isinstance(checkpoints, dict):
-            for view, path in sorted(checkpoints.items()):
-                words += ["--checkpoint", f"{view}={path}"]
-        elif isinstance(checkpoints, str):
-            words += ["--checkpoint", checkpoints]
-    words = [w for w in words if w not in ("--rerun-failed", "--overwrite")]
+    config = info.run.get("config") or {}
+    words = ["videofeat", "extract", str(config.get("manifest") or info.manifest), "-o", info.run_url]
+    preset = config.get("preset") or info.run.get("preset")
+    name = preset.get("name") if isinstance(preset, dict) else preset
+    if name:
+        words += ["--preset", str(name)]
+    for key, flag, default in _FEATURE_FLAGS:
+        value = config.get(key)
+        if value is not None and value != default:
+            words += [flag, str(value)]
+    views = config.get("views")
+    if views:
+        words += ["--views", ",".join(views) if isinstance(views, (list, tuple)) else str(views)]
+    checkpoints = config.get("checkpoints")
+    if isinstance(checkpoints, dict) and checkpoints:
+        for view, path in sorted(checkpoints.items()):
+            words += ["--checkpoint", path if view == "*" else f"{view}={path}"]
+    elif config.get("seed"):
+        words += ["--seed", str(config["seed"])]
     if rerun_failed:
         words.append("--rerun-failed")
     return shlex.join(words)

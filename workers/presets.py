@@ -147,3 +147,55 @@ def window_times(sampling: Sampling, windows: range, fps: float,
     else:
         center_s = np.array([(pts[int(c)] + pts.get(int(c) + 1, pts[int(c)])) / 2 for c in centre_frames])
     return start_s, end_s, center_s
+
+
+class WindowAssembler:
+    """Turns one video's in-order frames into windows, holding about one span of frames.
+
+    Overlapping windows share decoded frames: each frame is decoded once and kept only until the
+    last window that uses it is complete. ``windows`` limits which windows are produced (a piece
+    of a video); ``stop=None`` means up to the end of the video, whatever its real length.
+    """
+
+    def __init__(self, sampling: Sampling, first_window: int, stop_window: Optional[int] = None):
+        self.sampling = sampling
+        self.next_window = first_window
+        self.stop_window = stop_window
+        self._ring: dict[int, np.ndarray] = {}
+        self.pts: dict[int, float] = {}
+        self.frames = 0
+        self.emitted = 0
+
+    def _needed(self, index: int) -> bool:
+        s = self.sampling
+        w = self.next_window
+        # Frames are kept when some not-yet-complete window samples them.
+        while s.start(w) <= index:
+            if self.stop_window is not None and w >= self.stop_window:
+                return False
+            offset = index - s.start(w)
+            if offset < s.span and offset % s.step == 0 and offset // s.step < s.num_frames:
+                return True
+            w += 1
+        return False
+
+    def add(self, index: int, frame: np.ndarray, pts: float) -> list[tuple[int, np.ndarray]]:
+        """Add frame ``index`` (a copy is kept); returns the windows it completes as (w, clip)."""
+        self.frames += 1
+        self.pts[index] = pts
+        if self._needed(index):
+            self._ring[index] = np.array(frame, copy=True)
+        s = self.sampling
+        done = []
+        while ((self.stop_window is None or self.next_window < self.stop_window)
+               and s.end(self.next_window) - 1 <= index):
+            w = self.next_window
+            indices = s.frame_indices(w)
+            if all(int(i) in self._ring for i in indices):
+                done.append((w, np.stack([self._ring[int(i)] for i in indices])))
+                self.emitted += 1
+            self.next_window += 1
+            first_kept = s.start(self.next_window)
+            for old in [k for k in self._ring if k < first_kept]:
+                del self._ring[old]
+        return done

@@ -1,0 +1,118 @@
+"""Extract per-window features of every shard of a manifest into a run directory.
+
+Also runs under torchrun with the same arguments (ranks claim shards from one frozen plan):
+    torchrun --nproc_per_node=4 launcher/extract.py manifest.parquet -o runs/vitl --preset aicity-vitl ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="manifest written by `videofeat manifest` (path or fsspec URL)")
+    parser.add_argument("-o", "--output", required=True, help="run directory (path or fsspec URL)")
+    parser.add_argument("--preset", default="aicity-vitl", choices=("aicity-vitl", "aicity-vith", "videomae-16x4"),
+                        help="window sampling + preprocessing recipe (default aicity-vitl)")
+    parser.add_argument("--model", default="auto",
+                        help="registered model name, or auto (architecture read from the checkpoint)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="[VIEW=]PATH",
+                        help="checkpoint for one view (repeat per view) or for all views")
+    parser.add_argument("--views", help="comma-separated views to extract (default: every view in the manifest)")
+    parser.add_argument("--shards", help="comma-separated shard ids to extract (default: all incomplete)")
+    sampling = parser.add_argument_group("sampling overrides (default: the preset's)")
+    sampling.add_argument("--span", type=int, help="frames a window spans")
+    sampling.add_argument("--hop", type=int, help="frames between window starts")
+    sampling.add_argument("--num-frames", type=int, help="frames fed to the model per window")
+    sampling.add_argument("--frame-step", type=int, help="stride between those frames")
+    sampling.add_argument("--size", type=int, help="model input height and width")
+    sampling.add_argument("--resize", choices=("exact", "fast"), default="exact",
+                          help="exact: the preset's seed-exact resize; fast: the decoder's scaler (~4-6/255 off)")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--decoder", choices=("pyav", "decord"), default="pyav")
+    decoding.add_argument("--decode-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                          help="decode processes per rank")
+    decoding.add_argument("--decode-threads", type=int, default=1, help="decoder threads per decode process")
+    decoding.add_argument("--decode-stall-s", type=float, default=120.0,
+                          help="kill a decode process that delivers no frame for this long (status timeout)")
+    infer = parser.add_argument_group("inference")
+    infer.add_argument("--device", default="auto", help="auto (the local rank's GPU, else CPU), cpu, cuda, cuda:N")
+    infer.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                       help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    infer.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (halved on CUDA OOM)")
+    infer.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
+    infer.add_argument("--seed", type=int, default=0, help="seed of random weights when no checkpoint is given")
+    rerun = parser.add_argument_group("reruns")
+    rerun.add_argument("--max-attempts", type=int, default=3, help="attempts of a failing shard before giving up")
+    rerun.add_argument("--rerun-failed", action="store_true",
+                       help="also recompute shards that gave up, or whose videos failed transiently")
+    rerun.add_argument("--overwrite", action="store_true", help="recompute every selected shard")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # Used by SLURM array tasks: run the shards a frozen plan lists at one index.
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    parser.add_argument("--task-index", type=int, help=argparse.SUPPRESS)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Rank in every line; INFO on local rank 0, warnings only from the other ranks."""
+    rank, local_rank = os.environ.get("RANK", "0"), int(os.environ.get("LOCAL_RANK", "0"))
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO if local_rank == 0 else logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    root.handlers = [handler]
+
+
+def build_config(args: argparse.Namespace):
+    from videofeat.manifests.views import parse_views
+    from videofeat.workers.extract import ExtractConfig
+    from videofeat.workers.extract_setup import parse_checkpoints
+
+    return ExtractConfig(
+        manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
+        checkpoints=parse_checkpoints(args.checkpoint), views=parse_views(args.views), span=args.span, hop=args.hop,
+        num_frames=args.num_frames, frame_step=args.frame_step, size=args.size, resize=args.resize,
+        decoder=args.decoder, decode_procs=args.decode_procs, decode_threads=args.decode_threads,
+        decode_stall_s=args.decode_stall_s, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        feature_dtype=args.feature_dtype, max_attempts=args.max_attempts, rerun_failed=args.rerun_failed,
+        overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    if (args.plan is None) != (args.task_index is None):
+        print("videofeat extract: --plan and --task-index go together", file=sys.stderr)
+        return 2
+    try:
+        config = build_config(args)
+        shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
+    except ValueError as exc:
+        print(f"videofeat extract: {exc}", file=sys.stderr)
+        return 2
+    from videofeat.manifests.ledger import FingerprintMismatch
+    from videofeat.workers.extract import run_extraction
+
+    try:
+        return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
+    except (FingerprintMismatch, FileNotFoundError, ValueError) as exc:
+        logging.getLogger("videofeat.extract").error("%s", exc)
+        return 2
+
+
+def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from videofeat.launcher.cli import parse_command
+
+    args, _ = parse_command("extract", sys.argv[1:] if argv is None else argv)
+    return int(record(run)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

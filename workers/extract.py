@@ -1,0 +1,300 @@
+"""The per-rank extraction loop: plan, claim shards, decode, infer, write, commit.
+
+Rank 0 records the run (``run.json``, refusing a different fingerprint) and freezes a plan of
+the incomplete shards; the plan id is broadcast once, and from then on ranks claim shard ids
+through the rendezvous store's counter, with no collective. A SLURM array task instead runs the
+shard ids that an existing plan lists at its index. Each shard is committed through the ledger
+(Parquet under a temporary name, stats, marker last); a shard that raises gets an ``error``
+record and the rank moves on; SIGTERM/SIGUSR2 stop at the next batch with an ``interrupted``
+record and no marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
+
+from .decode_pool import DecodePool, PoolConfig, frame_spec
+from .distributed import Distributed
+from .presets import resolve_preset
+from .extract_setup import ModelSet, Progress, build_run_record, load_manifest_rows
+from .shard_io import ShardWriter, shard_schema
+from .shard_pipeline import Interrupted, ShardPipeline
+
+log = logging.getLogger(__name__)
+EXIT_INTERRUPTED = 143
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``videofeat extract`` needs; validated here so errors name the flag."""
+
+    manifest: str
+    output: str
+    preset: str = "aicity-vitl"
+    model: str = "auto"
+    checkpoints: tuple[tuple[str, str], ...] = ()
+    views: Optional[tuple[str, ...]] = None
+    span: Optional[int] = None
+    hop: Optional[int] = None
+    num_frames: Optional[int] = None
+    frame_step: Optional[int] = None
+    size: Optional[int] = None
+    resize: str = "exact"
+    decoder: str = "pyav"
+    decode_procs: int = 2
+    decode_threads: int = 1
+    decode_stall_s: float = 120.0
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    feature_dtype: str = "float32"
+    max_attempts: int = 3
+    rerun_failed: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .decoders import BACKENDS
+
+        if self.resize not in ("exact", "fast"):
+            raise ValueError(f"--resize must be 'exact' or 'fast', got {self.resize!r}")
+        if self.decoder not in BACKENDS:
+            raise ValueError(f"--decoder must be one of {', '.join(BACKENDS)}, got {self.decoder!r}")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"--feature-dtype must be float32 or float16, got {self.feature_dtype!r}")
+        if self.model == "auto" and not self.checkpoints:
+            raise ValueError("--model auto reads the architecture from a checkpoint: pass --checkpoint "
+                             "(VIEW=PATH or PATH), or name a model such as videomae_vit_large_patch16_224")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
+        PoolConfig(self.decode_procs, self.decode_stall_s, self.decoder, self.decode_threads)
+        self.resolved_preset()
+
+    def resolved_preset(self):
+        return resolve_preset(self.preset, span=self.span, hop=self.hop, num_frames=self.num_frames,
+                              step=self.frame_step, size=self.size, fast_resize=self.resize == "fast")
+
+    @property
+    def policy(self) -> RerunPolicy:
+        return RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
+
+
+class _Signals:
+    """SIGTERM / SIGUSR2 (SLURM preemption) set a flag the loop checks at every batch."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: stopping at the next batch", self.received)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _ShardLog:
+    """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
+
+    def __init__(self, run: RunDir, shard_id: int, attempt: int, rank: int):
+        from videofeat.manifests import fsutil
+
+        self.run, self.path = run, run.log_path(shard_id, attempt)
+        self.local = fsutil.is_local(run.fs)
+        run.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        if self.local:
+            self.handler: logging.Handler = logging.FileHandler(self.path)
+        else:
+            import io
+
+            self._buffer = io.StringIO()
+            self.handler = logging.StreamHandler(self._buffer)
+            run.fs.pipe_file(self.path, b"")  # the attempt is visible at once
+        self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+        if not self.local:
+            self.run.fs.pipe_file(self.path, self._buffer.getvalue().encode())
+
+
+class Extractor:
+    """One rank's extraction: owns the decode pool and the models for the rank's lifetime."""
+
+    def __init__(self, config: ExtractConfig, dist: Distributed):
+        self.config = config
+        self.dist = dist
+        self.run = RunDir(config.output)
+        self.preset = config.resolved_preset()
+        self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
+        self.models = ModelSet(config, self.preset, sorted({r["view"] for rows in self.rows_by_shard.values()
+                                                            for r in rows}), dist.info.local_rank)
+        self.signals = _Signals()
+        self.record: dict = {}
+        self.pool: Optional[DecodePool] = None
+        self.progress = None
+
+    # ----- start-up (the only collectives) ------------------------------------------------
+    def prepare(self, shard_ids: Optional[Sequence[int]], plan_id: Optional[str],
+                task_index: Optional[int]) -> tuple[str, list[int]]:
+        info = self.dist.info
+        if info.is_main:
+            parts, cfg, extra = build_run_record(self.config, self.preset, self.models, self.manifest_fp)
+            self.record = self.run.initialize(parts, cfg, extra)
+        self.record = self.dist.broadcast_object(self.record)
+        if plan_id is not None:
+            plan = self.run.read_plan(plan_id)
+            if task_index is None or not 0 <= task_index < len(plan["tasks"]):
+                raise ValueError(f"--task-index must be in [0, {len(plan['tasks'])}) for plan {plan_id}")
+            listed = plan["tasks"][task_index]
+            todo = self.run.plan_incomplete(listed, self.config.policy)
+            log.info("plan %s task %d: %d of %d shards to compute: %s", plan_id, task_index, len(todo),
+                     len(listed), [shard_name(s) for s in todo])
+            return plan_id, todo
+        todo: list[int] = []
+        if info.is_main:
+            unknown = sorted(set(shard_ids or ()) - set(self.rows_by_shard))
+            if unknown:
+                raise ValueError(f"--shards {unknown} are not shards of {self.config.manifest} "
+                                 f"(for the selected views)")
+            candidates = sorted(shard_ids) if shard_ids else sorted(self.rows_by_shard)
+            todo = self.run.plan_incomplete(candidates, self.config.policy)
+            plan_id = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            if todo:
+                self.run.write_plan(plan_id, [todo], {"kind": "local", "world_size": info.world_size})
+            log.info("plan %s: %d of %d shards to compute: %s", plan_id, len(todo), len(candidates),
+                     [shard_name(s) for s in todo])
+        plan_id, todo = self.dist.broadcast_object((plan_id, todo))
+        return plan_id, todo
+
+    # ----- the loop -------------------------------------------------------------------------
+    def execute(self, plan_id: str, todo: list[int], claim: bool) -> int:
+        """Run shards until none are left; returns the exit code."""
+        self.signals.install()
+        counter = self.dist.counter(f"videofeat/claim/{plan_id}") if claim else None
+        resize = self.preset.frame_resize
+        shape, dtype = frame_spec(resize)
+        pool_cfg = PoolConfig(self.config.decode_procs, self.config.decode_stall_s, self.config.decoder,
+                              self.config.decode_threads, ring=max(48, self.preset.sampling.span + 16))
+        total = sum(self.models.expected_windows(self.rows_by_shard[s]) for s in todo)
+        self.progress = Progress(total, self.dist, plan_id, enabled=self.config.progress)
+        failures = 0
+        self.pool = DecodePool(pool_cfg, resize, shape, dtype)
+        try:
+            position = 0
+            while True:
+                if self.signals.received:
+                    return EXIT_INTERRUPTED
+                if counter is not None:
+                    position = counter.next()
+                if position >= len(todo):
+                    break
+                shard_id = todo[position]
+                position += 1
+                outcome = self.extract_shard(shard_id)
+                if outcome == "interrupted":
+                    return EXIT_INTERRUPTED
+                failures += outcome == "error"
+        finally:
+            self.pool.close()
+            self.progress.close()
+            self.signals.restore()
+        return 1 if failures else 0
+
+    def extract_shard(self, shard_id: int) -> str:
+        """'done', 'error' or 'interrupted' (the failure is recorded in the run directory)."""
+        run, info = self.run, self.dist.info
+        attempt = run.next_attempt(shard_id)
+        shard_log = _ShardLog(run, shard_id, attempt, info.rank)
+        identity = process_identity(info.rank, info.world_size)
+        started, t0 = utc_now(), time.monotonic()
+        log.info("shard %s attempt %d: host=%s pid=%d rank=%d", shard_name(shard_id), attempt, identity["host"],
+                 os.getpid(), info.rank)
+        temp = None
+        try:
+            run.remove_temporaries(shard_id)
+            run.uncommit(shard_id)
+            rows = self.rows_by_shard[shard_id]
+            view = rows[0]["view"]
+            runner = self.models.runner(view)
+            temp = run.temp_shard_path(shard_id)
+            schema = shard_schema(self.models.feature_dim, self.models.num_classes, self.config.feature_dtype)
+            lineage = dict(self.models.lineage(view), shard_id=shard_id, fingerprint=self.record["fingerprint"],
+                           preset=self.preset.to_dict(), fps={r["video_id"]: _fps(r) for r in rows})
+            writer = ShardWriter(temp, run.fs, schema, lineage)
+            pipeline = ShardPipeline(rows, self.preset.sampling, self.pool, runner, self.config.batch_size, writer,
+                                     self.config.feature_dtype, lambda: self.signals.received is not None,
+                                     self.progress.update)
+            videos = pipeline.run()
+            writer.close()
+            stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": self.record["fingerprint"],
+                     **identity, "started": started, "finished": utc_now(),
+                     "seconds": round(time.monotonic() - t0, 3), "windows": pipeline.windows_written,
+                     "frames_decoded": sum(v["frames_decoded"] for v in videos), "videos": videos,
+                     "batch_size": runner.max_batch or self.config.batch_size}
+            run.commit_shard(shard_id, temp, stats)
+            log.info("shard %s done: %d windows from %d videos in %.1f s", shard_name(shard_id),
+                     stats["windows"], len(videos), stats["seconds"])
+            return "done"
+        except Interrupted as exc:
+            log.warning("shard %s interrupted: %s", shard_name(shard_id), exc)
+            run.record_failure(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
+                               rank=info.rank)
+            return "interrupted"
+        except Exception as exc:  # a per-shard failure: record it, move on to the next shard
+            log.error("shard %s failed: %s", shard_name(shard_id), exc, exc_info=True)
+            run.record_failure(shard_id, attempt, "error", f"{type(exc).__name__}: {exc}",
+                               traceback.format_exc(), rank=info.rank)
+            return "error"
+        finally:
+            if temp is not None and run.fs.exists(temp):
+                run.fs.rm(temp)
+            shard_log.close()
+
+
+def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = None,
+                   plan_id: Optional[str] = None, task_index: Optional[int] = None,
+                   init_method: Optional[str] = None) -> int:
+    """Extract features for ``config`` on this rank; returns the process exit code.
+
+    ``shard_ids``: restrict a local/torchrun launch to these shards. ``plan_id`` + ``task_index``:
+    run what an existing frozen plan lists at that index (SLURM array tasks). Under torchrun
+    (``WORLD_SIZE > 1``) ranks claim the plan's shards dynamically.
+    """
+    dist = Distributed(init_method=init_method)
+    try:
+        extractor = Extractor(config, dist)
+        dist.init(extractor.models.device.type)
+        plan, todo = extractor.prepare(shard_ids, plan_id, task_index)
+        if not todo:
+            log.info("nothing to do: every selected shard is complete")
+            return 0
+        # A SLURM task owns its list; torchrun ranks (or a lone process) share one by claiming.
+        return extractor.execute(plan, todo, claim=plan_id is None)
+    finally:
+        dist.close()
+
+
+def _fps(row: dict) -> float:
+    if row.get("fps_num") and row.get("fps_den"):
+        return row["fps_num"] / row["fps_den"]
+    return float(row["fps"])

@@ -1,0 +1,354 @@
+"""Submit extraction arrays, reruns of failed shards and fine-tuning jobs to SLURM.
+
+    videofeat slurm extract MANIFEST -o RUN_DIR [extract flags] [--time T --throttle K ...]
+    videofeat slurm rerun RUN_DIR [--time T ...]
+    videofeat slurm finetune -o OUT [finetune flags] [--nodes N --tasks-per-node T ...]
+
+``extract`` freezes a plan of the incomplete shards, submits it as one array per MaxArraySize
+(``--array=0-(K-1)%T``) and the reducer ``afterok`` on them, and prints the job ids. ``rerun``
+submits only failed, interrupted or missing shards, with a new reducer (a stale pending one is
+cancelled). ``finetune`` submits ``slurm/finetune.sbatch``, which requeues itself after a
+preemption checkpoint. No SLURM option enters a run's fingerprint. Give the worker's TOML file
+with ``--worker-config`` (``--config`` belongs to this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .slurm_submit import SbatchOptions
+
+log = logging.getLogger("videofeat.slurm")
+
+_SKIP_DESTS = {"help", "config", "plan", "task_index"}
+
+
+def _sbatch_flags(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
+    group = parser.add_argument_group("SLURM (never part of the fingerprint)")
+    group.add_argument("--partition", help="partition to submit to")
+    group.add_argument("--account", help="account to charge")
+    group.add_argument("--qos", help="quality of service")
+    group.add_argument("--time", help="time limit per job / array task, e.g. 04:00:00")
+    if gpus:
+        group.add_argument("--gpus-per-task", type=int, help="GPUs per task")
+    group.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    group.add_argument("--mem", help="memory per node, e.g. 64G")
+    group.add_argument("--constraint", help="node features, e.g. a100")
+    group.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                       help="any other sbatch option, one per flag (e.g. --sbatch-arg=--exclusive)")
+    group.add_argument("--grace", type=int, help="seconds before the time limit that USR2 is sent (default 120)")
+    group.add_argument("--max-requeues", type=int, help="requeues after interruptions (default 3)")
+    group.add_argument("--job-name", help="job name (default vf-<run dir name>)")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch text; submit nothing")
+
+
+def _array_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("arrays")
+    group.add_argument("--throttle", type=int, help="array tasks running at once (the %%K of --array)")
+    group.add_argument("--shards-per-task", type=int, help="shards each array task runs (default 1)")
+    group.add_argument("--ranks-per-task", type=int, help="local ranks per task, one per GPU, sharing its shards")
+    group.add_argument("--log-dir", help="task output folder on a shared filesystem (default RUN_DIR/slurm/logs)")
+    group.add_argument("--reduce-time", help="time limit of the reducer job")
+    group.add_argument("--decode-rate", type=float, metavar="FRAMES_PER_S",
+                       help="frames per second one rank processes, for the time estimate (default: measured "
+                            "from the run's completed shards)")
+    group.add_argument("--strict", action="store_true",
+                       help="refuse to submit when a task's estimated time exceeds 80%% of --time")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune}")
+    extract = sub.add_parser("extract", help="submit an extraction array and its reducer")
+    from videofeat.launcher import extract as extract_cmd
+
+    extract_cmd.add_arguments(extract)
+    extract.add_argument("--worker-config", metavar="FILE.toml", help="TOML defaults of the extract flags")
+    _sbatch_flags(extract)
+    _array_flags(extract)
+
+    rerun = sub.add_parser("rerun", help="resubmit failed, interrupted or missing shards with a new reducer")
+    rerun.add_argument("run_dir", metavar="RUN_DIR")
+    rerun.add_argument("--rerun-failed", action="store_true",
+                       help="also shards that gave up, or whose videos failed transiently")
+    rerun.add_argument("--max-attempts", type=int, default=3, help="failures before a shard gives up (default 3)")
+    _sbatch_flags(rerun)
+    _array_flags(rerun)
+
+    finetune = sub.add_parser("finetune", help="submit fine-tuning (torchrun under srun, requeued on preemption)")
+    from videofeat.launcher import finetune as finetune_cmd
+
+    finetune_cmd.add_arguments(finetune)
+    finetune.add_argument("--worker-config", metavar="FILE.toml", help="TOML defaults of the finetune flags")
+    _sbatch_flags(finetune)
+    group = finetune.add_argument_group("ranks")
+    group.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    group.add_argument("--tasks-per-node", type=int, default=1, help="torchrun agents per node (default 1)")
+    group.add_argument("--procs-per-task", type=int, default=1, help="ranks per agent, one per GPU (default 1)")
+    group.add_argument("--shutdown-timeout", type=int, default=60,
+                       help="seconds torchrun waits for ranks to write a checkpoint after a signal (default 60)")
+    group.add_argument("--log-dir", help="job output folder (default OUTPUT/slurm)")
+
+
+def worker_argv(add_args: Callable[[argparse.ArgumentParser], None], args: argparse.Namespace) -> list[str]:
+    """The worker's own command line, rebuilt from the flags it defines that differ from its defaults."""
+    reference = argparse.ArgumentParser(add_help=False)
+    add_args(reference)
+    argv: list[str] = []
+    for action in reference._actions:
+        if action.dest in _SKIP_DESTS or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:
+            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
+            continue
+        if value == action.default or value is None:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(flag)
+        elif isinstance(action, argparse._CountAction):
+            argv.extend([flag] * int(value))
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                argv.extend([flag, str(item)])
+        elif isinstance(value, (list, tuple)):
+            argv.extend([flag, *map(str, value)])
+        else:
+            argv.extend([flag, str(value)])
+    return argv
+
+
+def _apply_worker_config(args: argparse.Namespace, add_args: Callable) -> None:
+    """Values of ``--worker-config`` fill the worker flags the command line left at their defaults."""
+    if not getattr(args, "worker_config", None):
+        return
+    from videofeat.launcher.cli import load_toml
+
+    reference = argparse.ArgumentParser(add_help=False)
+    add_args(reference)
+    defaults = {a.dest: a.default for a in reference._actions}
+    for key, value in load_toml(args.worker_config).items():
+        if key not in defaults:
+            raise SystemExit(f"{args.worker_config}: unknown option {key!r} for this worker")
+        if getattr(args, key, None) == defaults[key]:
+            setattr(args, key, value)
+
+
+def _options(args: argparse.Namespace):
+    from .slurm_submit import SbatchOptions
+
+    return SbatchOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+                         gpus_per_task=getattr(args, "gpus_per_task", None), cpus_per_task=args.cpus_per_task,
+                         mem=args.mem, constraint=args.constraint, extra=tuple(args.sbatch_arg))
+
+
+def _absolute_if_local(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from videofeat.launcher import extract as extract_cmd
+    from videofeat.manifests.ledger import RerunPolicy, RunDir
+    from videofeat.manifests.views import parse_views
+
+    from . import slurm_extract as se
+
+    _apply_worker_config(args, extract_cmd.add_arguments)
+    args.manifest, args.output = _absolute_if_local(args.manifest), _absolute_if_local(args.output)
+    launch = se.ArrayLaunch(
+        run_dir=args.output, manifest=args.manifest, worker_args=tuple(worker_argv(extract_cmd.add_arguments, args)),
+        options=_options(args), throttle=args.throttle, shards_per_task=args.shards_per_task or 1,
+        ranks_per_task=args.ranks_per_task or 1,
+        max_requeues=3 if args.max_requeues is None else args.max_requeues,
+        grace_s=args.grace or se.DEFAULT_GRACE_S, log_dir=args.log_dir,
+        job_name=args.job_name or f"vf-{os.path.basename(args.output.rstrip('/'))}", reduce_time=args.reduce_time)
+    views = parse_views(args.views)
+    frames = se.shard_frames(args.manifest, views)
+    wanted = sorted(frames) if not args.shards else sorted(int(s) for s in args.shards.split(",") if s.strip())
+    unknown = sorted(set(wanted) - set(frames))
+    if unknown:
+        raise ValueError(f"--shards {unknown} are not shards of {args.manifest}")
+    run_dir = RunDir(args.output)
+    policy = RerunPolicy(args.rerun_failed, args.overwrite, args.max_attempts)
+    tasks = se.pack_tasks(run_dir.plan_incomplete(wanted, policy), launch.shards_per_task)
+    return _submit(launch, run_dir, tasks, frames, args, kind="slurm", previous=None,
+                   total=len(wanted))
+
+
+def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[str], total: int) -> int:
+    from . import slurm_extract as se
+
+    if not tasks:
+        print(f"{launch.run_dir}: all {total} shards are complete; nothing to submit "
+              f"(next: videofeat reduce {launch.run_dir})")
+        return 0
+    rate, source = (args.decode_rate, "--decode-rate") if args.decode_rate else (se.measured_rate(run_dir),
+                                                                               "measured on completed shards")
+    check = se.check_time(tasks, frames, launch, rate, source)
+    if check.too_long:
+        log.warning("%s", check.message(tasks))
+        if args.strict:
+            print(f"videofeat slurm: refusing to submit (--strict): {check.message(tasks)}", file=sys.stderr)
+            return 2
+    elif launch.options.time_seconds and rate is None:
+        log.info("no decode rate known (give --decode-rate): task times not checked against --time")
+    shards = sum(len(t) for t in tasks)
+    result = se.submit_plan(launch, tasks, kind, dry_run=args.dry_run, previous=previous)
+    if result is None:
+        print(f"# dry run: {shards} of {total} shards in {len(tasks)} array tasks; nothing submitted")
+        return 0
+    print(f"plan {result.plan_id}: {shards} of {total} shards in {len(tasks)} array tasks "
+          f"(throttle {launch.throttle or 'none'})")
+    print("arrays: " + " ".join(result.array_job_ids))
+    print(f"reducer: {result.reducer_job_id} (afterok)")
+    print(f"logs: {launch.log_dir}; follow with: videofeat status {launch.run_dir}")
+    return 0
+
+
+def run_rerun(args: argparse.Namespace) -> int:
+    from videofeat.manifests.ledger import RunDir
+
+    from . import slurm_extract as se, slurm_info, slurm_submit
+
+    run_dir = RunDir(args.run_dir)
+    submissions = slurm_info.read_submissions(run_dir)
+    if not submissions:
+        print(f"videofeat slurm rerun: {args.run_dir} has no SLURM submission (RUN_DIR/slurm/*.json); "
+              "start with `videofeat slurm extract`", file=sys.stderr)
+        return 2
+    last = se.ArrayLaunch.from_dict(submissions[-1]["launch"])
+    # --overwrite meant "recompute everything" once; a rerun recomputes only what is not done.
+    worker = tuple(a for a in last.worker_args if a not in ("--overwrite", "--rerun-failed"))
+    if args.rerun_failed:
+        worker += ("--rerun-failed",)
+    opts = _options(args)
+    launch = se.ArrayLaunch(**{
+        **last.to_dict(), "worker_args": worker,
+        "options": last.options.overridden(**{k: v for k, v in opts.to_dict().items() if k != "extra"},
+                                           extra=opts.extra),
+        "throttle": args.throttle or last.throttle, "shards_per_task": args.shards_per_task or last.shards_per_task,
+        "ranks_per_task": args.ranks_per_task or last.ranks_per_task,
+        "max_requeues": last.max_requeues if args.max_requeues is None else args.max_requeues,
+        "grace_s": args.grace or last.grace_s, "log_dir": args.log_dir or last.log_dir,
+        "job_name": args.job_name or last.job_name, "reduce_time": args.reduce_time or last.reduce_time})
+    busy, stale = se.active_jobs(submissions)
+    if busy:
+        print(f"videofeat slurm rerun: jobs of earlier submissions are still queued or running: {' '.join(busy)}; "
+              "wait for them (their shards would be computed twice) or scancel them first", file=sys.stderr)
+        return 1
+    views = _views_of(last.worker_args)
+    frames = se.shard_frames(last.manifest, views)
+    tasks = se.rerun_tasks(launch, run_dir, sorted(frames), args.rerun_failed, args.max_attempts)
+    if stale and not args.dry_run:
+        slurm_submit.cancel(stale)
+        print(f"cancelled the stale pending reducer {' '.join(stale)}")
+    return _submit(launch, run_dir, tasks, frames, args, kind="rerun", previous=submissions[-1]["plan_id"],
+                   total=len(frames))
+
+
+def _views_of(worker_args: Sequence[str]):
+    from videofeat.manifests.views import parse_views
+
+    words = list(worker_args)
+    for i, word in enumerate(words):
+        if word == "--views" and i + 1 < len(words):
+            return parse_views(words[i + 1])
+    return None
+
+
+@dataclass(frozen=True)
+class FinetuneLaunch:
+    """One fine-tuning job: ``nodes x tasks_per_node`` torchrun agents of ``procs_per_task`` ranks."""
+
+    output: str
+    finetune_args: tuple[str, ...]
+    options: "SbatchOptions"
+    nodes: int = 1
+    tasks_per_node: int = 1
+    procs_per_task: int = 1
+    shutdown_timeout: int = 60
+    grace_s: int = 120
+    max_requeues: int = 3
+    log_dir: Optional[str] = None
+    job_name: Optional[str] = None
+    python: str = field(default_factory=lambda: sys.executable)
+    chdir: str = field(default_factory=os.getcwd)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("--output is required: checkpoints and the PREEMPTED marker go there")
+        for name in ("nodes", "tasks_per_node", "procs_per_task", "shutdown_timeout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_requeues < 0:
+            raise ValueError(f"--max-requeues must be >= 0, got {self.max_requeues}")
+        if self.grace_s <= self.shutdown_timeout:
+            log.warning("--grace %d s is not longer than --shutdown-timeout %d s: a checkpoint at the time limit "
+                        "may be cut off", self.grace_s, self.shutdown_timeout)
+        if self.log_dir is None:
+            object.__setattr__(self, "log_dir", os.path.join(self.output, "slurm"))
+        if self.job_name is None:
+            object.__setattr__(self, "job_name", f"vf-ft-{os.path.basename(self.output.rstrip('/'))}")
+
+    def render(self) -> str:
+        from .slurm_submit import directive_block, quote, render
+
+        options = self.options
+        return render("finetune.sbatch", {
+            "nodes": self.nodes, "tasks_per_node": self.tasks_per_node, "procs_per_task": self.procs_per_task,
+            "output": quote(self.output), "job_name": self.job_name, "log_dir": self.log_dir, "grace": self.grace_s,
+            "directives": directive_block([f"--chdir={self.chdir}", *options.directives()]),
+            "srun_options": f"--cpus-per-task={options.cpus_per_task} " if options.cpus_per_task else "",
+            "torchrun": f"{quote(self.python)} -m torch.distributed.run",
+            "shutdown_timeout": self.shutdown_timeout, "max_requeues": self.max_requeues,
+            "finetune_args": " ".join(quote(a) for a in self.finetune_args)})
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from videofeat.launcher import finetune as finetune_cmd
+
+    from . import slurm_submit
+
+    _apply_worker_config(args, finetune_cmd.add_arguments)
+    if args.output:
+        args.output = _absolute_if_local(args.output)
+    launch = FinetuneLaunch(
+        output=args.output, finetune_args=tuple(worker_argv(finetune_cmd.add_arguments, args)),
+        options=_options(args), nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+        procs_per_task=args.procs_per_task, shutdown_timeout=args.shutdown_timeout, grace_s=args.grace or 120,
+        max_requeues=3 if args.max_requeues is None else args.max_requeues, log_dir=args.log_dir,
+        job_name=args.job_name)
+    text = launch.render()
+    if args.dry_run:
+        print(text)
+        return 0
+    os.makedirs(launch.log_dir, exist_ok=True)
+    job_id = slurm_submit.submit(text)
+    path = os.path.join(launch.log_dir, f"finetune_{job_id}.sbatch")
+    with open(path, "w") as handle:
+        handle.write(text)
+    print(f"fine-tuning job {job_id}; script {path}; log {launch.log_dir}/finetune_{job_id}.out")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .slurm_submit import SlurmError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}
+    try:
+        return handlers[args.slurm_command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
+        return 2
+    except SlurmError as error:
+        print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
+        return 1

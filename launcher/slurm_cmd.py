@@ -81,9 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _array_flags(rerun)
 
     finetune = sub.add_parser("finetune", help="submit fine-tuning (torchrun under srun, requeued on preemption)")
-    from videofeat.launcher import finetune as finetune_cmd
+    import importlib.util
 
-    finetune_cmd.add_arguments(finetune)
+    if importlib.util.find_spec("videofeat.launcher.finetune") is not None:
+        from videofeat.launcher import finetune as finetune_cmd
+
+        finetune_cmd.add_arguments(finetune)
     finetune.add_argument("--worker-config", metavar="FILE.toml", help="TOML defaults of the finetune flags")
     _sbatch_flags(finetune)
     group = finetune.add_argument_group("ranks")

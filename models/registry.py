@@ -102,6 +102,9 @@ def create_model(name: str, *, checkpoint: Union[str, os.PathLike, None] = None,
     else:
         arch = model_arch(name, **fields)
         problems = arch_mismatches(arch, shape)
+        known_heads = record.get("num_heads") or (ckpt.hf_config or {}).get("num_attention_heads")
+        if known_heads and int(known_heads) != arch.num_heads:
+            problems.append(f"num_heads {known_heads} in the checkpoint, {arch.num_heads} in the model")
         if problems:
             raise CheckpointError(f"{ckpt.path} does not fit model {name!r}: " + "; ".join(problems)
                                   + " (use --model auto to read the architecture from the checkpoint)")

@@ -136,6 +136,10 @@ def test_named_model_that_does_not_fit(tmp_path: Path) -> None:
     path = write_videomae(tmp_path / "checkpoint-1.pth", tiny_model())
     with pytest.raises(CheckpointError, match=r"does not fit model 'videomae_vit_base_patch16_224'.*embed_dim 64"):
         create_model("videomae_vit_base_patch16_224", checkpoint=path)
+    # the head count is in no shape, but a recorded one is checked
+    save_checkpoint(tmp_path / "eight_heads.pth", tiny_model(num_heads=8))
+    with pytest.raises(CheckpointError, match="num_heads 8 in the checkpoint, 2 in the model"):
+        create_model("videomae_test", checkpoint=tmp_path / "eight_heads.pth")
 
 
 def test_missing_head_count_asks_for_it(tmp_path: Path) -> None:

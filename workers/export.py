@@ -210,8 +210,11 @@ def write_annotations(dataset: Dataset, views: list[str], config: ExportConfig, 
 
     labels = read_labels(config.labels).to_pylist()
     by_video: dict[str, list[dict]] = {}
+    wanted = set(views)
     for row in labels:
-        by_video.setdefault(row["video_id"], []).append(row)
+        # Labels of views this export leaves out (the seed extracts rear and dashboard) are not "missing".
+        if row.get("view") is None or row["view"] in wanted:
+            by_video.setdefault(row["video_id"], []).append(row)
     timing = video_timing(dataset)
     database, labelled = {}, 0
     for view in views:

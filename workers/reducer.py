@@ -212,8 +212,10 @@ def run_timing(report: CheckReport) -> dict:
         frames += int(stats.get("frames_decoded") or 0)
         busy += float(stats.get("seconds") or 0.0)
     wall = (max(finished) - min(started)).total_seconds() if started and finished else None
-    if wall is not None and wall <= 0:
-        wall = busy or None
+    if wall is not None:
+        # run.json timestamps have one-second resolution; the longest shard bounds the wall time below.
+        longest = max((float(s.get("seconds") or 0.0) for s in report.stats.values()), default=0.0)
+        wall = max(wall, longest) or None
     return {"started": min(started).isoformat() if started else None,
             "finished": max(finished).isoformat() if finished else None,
             "wall_s": None if wall is None else round(wall, 3), "shard_seconds": round(busy, 3),

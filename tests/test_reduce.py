@@ -319,3 +319,29 @@ def test_reduce_command_exit_codes_and_no_torch(tmp_path):
     bad = subprocess.run([sys.executable, script, str(tmp_path / "nothing")], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "is" in bad.stderr and "run.json" in bad.stderr
+
+
+def test_real_extraction_run_refused_then_completed_by_the_printed_command(tmp_path):
+    """The real `videofeat extract`: a shard that lost its marker is named, and the printed rerun fixes it."""
+    import shlex
+
+    from helpers_extract import make_completed_run
+
+    manifest, run_url = make_completed_run(tmp_path)
+    run = RunDir(run_url)
+    os.remove(run.marker_path(1))  # the node died between stats and marker
+    with pytest.raises(IncompleteRun) as caught:
+        reduce_run(ReduceConfig(run_url, marker_wait_s=0))
+    text = str(caught.value)
+    assert "shards interrupted (1): 00001" in text and "Rear_view_user_id_3_NoAudio_1" in text
+    command = shlex.split(text.rsplit("rerun with:\n", 1)[1].strip().splitlines()[0])
+    assert command[:3] == ["videofeat", "extract", manifest] and "--span" in command and "--checkpoint" in command
+    rerun = subprocess.run([sys.executable, "-m", "videofeat.launcher.cli", *command[1:], "--no-progress"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = reduce_run(ReduceConfig(run_url, marker_wait_s=0))
+    # 64, 40 and 48 frames at span 16, hop 8
+    assert summary["complete"] and summary["views"]["rear"]["windows"] == 7 + 4 + 5
+    rows = pq.read_table(os.path.join(run.dataset_dir, "rear.parquet"), columns=["video_id", "window_index"])
+    assert rows.column("video_id").to_pylist() == ["Rear_view_user_id_1_NoAudio_1"] * 7 + \
+        ["Rear_view_user_id_2_NoAudio_1"] * 4 + ["Rear_view_user_id_3_NoAudio_1"] * 5

@@ -345,3 +345,22 @@ def test_real_extraction_run_refused_then_completed_by_the_printed_command(tmp_p
     rows = pq.read_table(os.path.join(run.dataset_dir, "rear.parquet"), columns=["video_id", "window_index"])
     assert rows.column("video_id").to_pylist() == ["Rear_view_user_id_1_NoAudio_1"] * 7 + \
         ["Rear_view_user_id_2_NoAudio_1"] * 4 + ["Rear_view_user_id_3_NoAudio_1"] * 5
+
+
+def test_marker_that_appears_late_on_a_shared_filesystem_is_waited_for(tmp_path):
+    import threading
+
+    videos = basic_videos()
+    run = make_run(tmp_path, videos)
+    os.remove(run.marker_path(1))
+    run.fs.makedirs(run.path("logs"), exist_ok=True)
+    open(run.log_path(1, 1), "w").write("shard 1 attempt 1\n")  # started elsewhere, marker not visible yet
+    late = threading.Timer(0.6, lambda: open(run.marker_path(1), "w").close())
+    late.start()
+    try:
+        summary = reduce_run(ReduceConfig(run.url, marker_wait_s=10))
+    finally:
+        late.cancel()
+    assert summary["complete"] and summary["views"]["dashboard"]["windows"] == 18
+    with pytest.raises(ValueError, match="--marker-wait must be between 0 and 60"):
+        ReduceConfig(run.url, marker_wait_s=600)

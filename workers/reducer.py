@@ -82,6 +82,8 @@ def reduce_run(config: ReduceConfig) -> dict:
             path = fsutil.join(out_root, f"{view}.parquet")
             if _merge_view(report, view, videos, files, out_fs, path):
                 files_written[view] = path
+            elif out_fs.exists(path):
+                out_fs.rm(path)  # an earlier reduce's file would contradict this summary
     summary = build_summary(report, files_written, time.monotonic() - began)
     fsutil.write_json_atomic(out_fs, fsutil.join(out_root, SUMMARY_NAME), summary)
     return summary

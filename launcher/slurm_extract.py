@@ -14,6 +14,7 @@ import datetime as _dt
 import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -229,7 +230,8 @@ def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, 
     os.makedirs(launch.log_dir, exist_ok=True)  # SLURM does not create output folders
     run_dir.write_plan(plan_id, tasks, {"kind": kind, "shards_per_task": launch.shards_per_task,
                                         "manifest": launch.manifest, "previous": previous})
-    record = {"plan_id": plan_id, "kind": kind, "created": slurm_info_now(), "previous": previous,
+    record = {"plan_id": plan_id, "kind": kind, "created": slurm_info_now(), "created_ns": time.time_ns(),
+              "previous": previous,
               "launch": launch.to_dict(), "log_dir": launch.log_dir, "arrays": [], "reducer": None}
     array_ids = []
     try:

@@ -42,13 +42,13 @@ def write_submission(run_dir: RunDir, record: Mapping) -> str:
 
 
 def read_submissions(run_dir: RunDir) -> list[dict]:
-    """Every submission record, oldest first (plan ids start with a UTC timestamp)."""
+    """Every submission record, oldest first (by ``created_ns``: plan ids of kinds sort apart)."""
     try:
         names = run_dir.fs.ls(run_dir.path(SUBMISSIONS), detail=False)
     except FileNotFoundError:
         return []
-    paths = sorted(n for n in names if n.endswith(".json"))
-    return [fsutil.read_json(run_dir.fs, p) for p in paths]
+    records = [fsutil.read_json(run_dir.fs, n) for n in names if n.endswith(".json")]
+    return sorted(records, key=lambda r: (r.get("created_ns", 0), r.get("plan_id", "")))
 
 
 def latest_submission(run_dir: RunDir) -> Optional[dict]:

@@ -7,6 +7,7 @@ import shlex
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.workers.run_info import load_run_info, rerun_command
 
 LOG_TAIL_LINES = 5
 
@@ -15,18 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory written by `videofeat extract`")
     parser.add_argument("--max-attempts", type=int, default=3, help="as given to extract: failures before giving up")
     parser.add_argument("--all", action="store_true", help="list done shards too")
-
-
-def rerun_command(run: dict, run_dir: str, extra: str = "") -> str:
-    """The extract command that recomputes what is missing in ``run_dir`` (a plain rerun)."""
-    argv = (run.get("config") or {}).get("argv")
-    if argv:
-        words = list(argv)
-        if extra and extra not in words:
-            words.append(extra)
-        return "videofeat extract " + " ".join(shlex.quote(w) for w in words)
-    manifest = run.get("manifest", "MANIFEST.parquet")
-    return f"videofeat extract {shlex.quote(manifest)} -o {shlex.quote(run_dir)} ... (the run's flags){' ' + extra if extra else ''}"
 
 
 def _log_tail(run_dir: RunDir, path: str) -> list[str]:
@@ -98,11 +87,12 @@ def run(args: argparse.Namespace) -> int:
             kind = "permanent" if status in PERMANENT else "transient" if status in TRANSIENT else status
             print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
     pending = [r for r in records if r.state != DONE]
+    if pending or transient:
+        info = load_run_info(run_dir)
     if pending:
-        print("rerun what is missing or failed with:\n  " + rerun_command(data["run"], args.run_dir))
+        print("rerun what is missing or failed with:\n  " + rerun_command(info))
     if transient:
-        print("recompute the shards whose videos failed transiently with:\n  "
-              + rerun_command(data["run"], args.run_dir, "--rerun-failed"))
+        print("recompute the shards whose videos failed transiently with:\n  " + rerun_command(info, rerun_failed=True))
     if not pending and not transient:
         print("all shards are done; next: videofeat reduce " + shlex.quote(args.run_dir))
     return 0

@@ -33,6 +33,15 @@ def unique_suffix() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def replace(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
+    """Move ``source`` onto ``target`` in one step. Locally this is ``os.replace``: atomic, and an
+    error when ``target`` is a directory (``fs.mv`` would move the file into it instead)."""
+    if is_local(fs):
+        os.replace(source, target)
+    else:
+        fs.mv(source, target)
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write under a temporary name, then move into place: readers never see half a file."""
     tmp = f"{path}.tmp-{unique_suffix()}"
@@ -43,7 +52,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         if is_local(fs):
             handle.flush()
             os.fsync(handle.fileno())
-    fs.mv(tmp, path)
+    replace(fs, tmp, path)
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

@@ -284,7 +284,7 @@ class RunDir:
 
     def commit_shard(self, shard_id: int, temp_path: str, stats: Mapping[str, Any]) -> None:
         """Move a closed temporary Parquet file into place, write its stats, then the marker."""
-        self.fs.mv(temp_path, self.shard_path(shard_id))
+        fsutil.replace(self.fs, temp_path, self.shard_path(shard_id))
         fsutil.write_json_atomic(self.fs, self.stats_path(shard_id), dict(stats))
         fsutil.write_bytes_atomic(self.fs, self.marker_path(shard_id), b"")
 

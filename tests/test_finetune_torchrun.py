@@ -1,0 +1,151 @@
+"""The real entry point under ``torchrun --nproc_per_node=2`` (gloo, ``cpu-test`` recipe) on
+generated labelled videos: learning, distributed evaluation, stop / resume, SIGTERM preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_finetune_fixtures import cpu_test_args, make_finetune_data, torchrun
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+RUN_TIMEOUT = 240
+
+
+def _run(args, **popen) -> subprocess.CompletedProcess:
+    proc = torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, out[-4000:]
+    return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=0, atol=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_finetune_data(tmp_path_factory.mktemp("finetune-data"))
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """An uninterrupted run: the reference for learning and for every resumed run."""
+    out = tmp_path_factory.mktemp("straight")
+    _run(cpu_test_args(data, out, "--epochs", str(EPOCHS)))
+    return out
+
+
+def test_loss_falls_and_accuracy_beats_chance(straight):
+    records = _metrics(straight)
+    train = [r for r in records if r["event"] == "train"]
+    steps_per_epoch = records[0]["steps_per_epoch"]
+    first = sum(r["loss"] for r in train[:steps_per_epoch]) / steps_per_epoch
+    last = sum(r["loss"] for r in train[-steps_per_epoch:]) / steps_per_epoch
+    assert last < first - 0.1, (first, last)
+    final = [r for r in records if r["event"] == "val"][-1]
+    assert final["count"] == 11 and final["failed"] == 0
+    assert final["top1"] >= 0.6, final  # chance is 0.25 (4 classes)
+    assert (straight / "COMPLETED").exists() and not (straight / "PREEMPTED").exists()
+
+
+def test_two_rank_evaluation_equals_one_rank(data, straight):
+    """The odd-sized (11) validation set, split over 2 ranks inside torchrun, gives exactly the
+    metrics of evaluating the same final weights in one process."""
+    from videofeat.models import create_model
+    from videofeat.workers.augment import ClipTransform
+    from videofeat.workers.finetune_data import ClipDataset, load_segments
+    from videofeat.workers.train_dist import DistEnv
+    from videofeat.workers.train_eval import evaluate
+    from videofeat.workers.train_loop import TrainConfig
+    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.finetune import build_config
+
+    args, _ = parse_command("finetune", cpu_test_args(data, straight))
+    cfg: TrainConfig = build_config(args)
+    model = create_model("auto", checkpoint=str(straight / "checkpoint-last.pt"))
+    segments = load_segments(data["labels"], data["manifest"], "rear", "validation", 4)
+    dataset = ClipDataset(segments, cfg.sampling, ClipTransform(cfg.augment, train=False), train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    import contextlib
+
+    one_rank = evaluate(model, loader, 4, torch.device("cpu"), DistEnv(), contextlib.nullcontext)
+    two_ranks = [r for r in _metrics(straight) if r["event"] == "val"][-1]
+    assert one_rank["count"] == two_ranks["count"] == 11
+    assert one_rank["confusion"] == two_ranks["confusion"]
+    assert one_rank["top1"] == two_ranks["top1"] and one_rank["per_class"] == two_ranks["per_class"]
+
+
+def test_stop_resume_and_sigterm_reproduce_the_straight_run(data, straight, tmp_path):
+    out = tmp_path / "resumed"
+    args = cpu_test_args(data, out, "--epochs", str(EPOCHS))
+    steps_per_epoch = _metrics(straight)[0]["steps_per_epoch"]
+    total = EPOCHS * steps_per_epoch
+
+    # 1. Stop after epoch 2 of 4: the checkpoint equals the straight run's after epoch 2.
+    _run(args + ["--stop-after-epoch", "2"])
+    assert not (out / "COMPLETED").exists()
+    _assert_same_weights(out / "checkpoint-last.pt", straight / "checkpoint-e0002.pt")
+
+    # 2. Resume, and SIGTERM the whole process group (as scancel / preemption does) mid-epoch 3.
+    proc = torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    target = 2 * steps_per_epoch + 2
+    deadline = time.time() + RUN_TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        steps = [r["step"] for r in _metrics(out) if r["event"] == "train"]
+        if steps and steps[-1] >= target:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be preempted"
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    marker = out / "PREEMPTED"
+    assert marker.exists(), output[-4000:]
+    stopped = json.loads(marker.read_text())
+    assert 2 * steps_per_epoch < stopped["step"] < total and stopped["epoch_step"] > 0, stopped
+    assert stopped["signal"] == signal.SIGTERM
+
+    # 3. Resume to the end: exactly the remaining steps, and the straight run's weights.
+    _run(args)
+    assert (out / "COMPLETED").exists() and not marker.exists()
+    records = _metrics(out)
+    steps = [r["step"] for r in records if r["event"] == "train"]
+    assert steps == list(range(1, total + 1)), steps  # none repeated, none skipped
+    starts = [r for r in records if r["event"] == "start"]
+    assert [s["step"] for s in starts] == [0, 2 * steps_per_epoch, stopped["step"]]
+    _assert_same_weights(out / "checkpoint-last.pt", straight / "checkpoint-last.pt")
+    resumed = torch.load(out / "checkpoint-last.pt", map_location="cpu", weights_only=True)
+    reference = torch.load(straight / "checkpoint-last.pt", map_location="cpu", weights_only=True)
+    for a, b in zip(resumed["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=1e-9)
+
+
+def test_finetuned_checkpoint_loads_for_extraction(straight):
+    """The checkpoint is in videofeat's extraction layout: 'auto' rebuilds the architecture and
+    loads it strictly, in eval mode, with the fine-tuned 4-class head."""
+    from videofeat.models import create_model
+
+    model = create_model("auto", checkpoint=str(straight / "checkpoint-best.pt"))
+    assert not model.training and model.num_classes == 4 and model.arch["num_frames"] == 8
+    features, logits = model.forward_features_and_logits(torch.zeros(1, 3, 8, 64, 64))
+    assert features.shape == (1, 64) and logits.shape == (1, 4)

@@ -140,12 +140,24 @@ def test_stop_resume_and_sigterm_reproduce_the_straight_run(data, straight, tmp_
         assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=1e-9)
 
 
-def test_finetuned_checkpoint_loads_for_extraction(straight):
-    """The checkpoint is in videofeat's extraction layout: 'auto' rebuilds the architecture and
-    loads it strictly, in eval mode, with the fine-tuned 4-class head."""
-    from videofeat.models import create_model
+def test_finetuned_checkpoint_extracts_without_conversion(data, straight, tmp_path):
+    """`videofeat extract` reads the fine-tuned checkpoint as it is (architecture from its
+    `arch` record, the new 4-class head) and writes features and class probabilities."""
+    import pyarrow.parquet as pq
 
-    model = create_model("auto", checkpoint=str(straight / "checkpoint-best.pt"))
+    from helpers_extract import run_extract
+    from videofeat.manifests.ledger import RunDir
+    from videofeat.models import create_model, sha256_of
+
+    best = str(straight / "checkpoint-best.pt")
+    model = create_model("auto", checkpoint=best)
     assert not model.training and model.num_classes == 4 and model.arch["num_frames"] == 8
-    features, logits = model.forward_features_and_logits(torch.zeros(1, 3, 8, 64, 64))
-    assert features.shape == (1, 64) and logits.shape == (1, 4)
+    run_dir = str(tmp_path / "features")
+    run_extract(data["manifest"], run_dir, "--shards", "0", checkpoint=best)
+    run = RunDir(run_dir)
+    assert run.done_shards() == [0]
+    record = run.load_run()
+    assert record["num_classes"] == 4 and record["checkpoints"]["*"]["sha256"] == sha256_of(best)
+    rows = pq.read_table(run.shard_path(0)).to_pylist()
+    assert rows and all(len(r["probs"]) == 4 and abs(sum(r["probs"]) - 1) < 1e-5 for r in rows)
+    assert all(len(r["feature"]) == 64 for r in rows)

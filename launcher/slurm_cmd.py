@@ -114,7 +114,8 @@ def worker_argv(add_args: Callable[[argparse.ArgumentParser], None], args: argpa
             continue
         flag = max(action.option_strings, key=len)
         if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(flag if value else "--no-" + flag[2:])
+            positive = next(o for o in action.option_strings if not o.startswith("--no-"))
+            argv.append(positive if value else "--no-" + positive[2:])
         elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             argv.append(flag)
         elif isinstance(action, argparse._CountAction):
@@ -338,7 +339,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     path = os.path.join(launch.log_dir, f"finetune_{job_id}.sbatch")
     with open(path, "w") as handle:
         handle.write(text)
-    print(f"fine-tuning job {job_id}; script {path}; log {launch.log_dir}/finetune_{job_id}.out")
+    print(f"fine-tuning job: {job_id}\nscript: {path}\nlog: {launch.log_dir}/finetune_{job_id}.out")
     return 0
 
 

@@ -132,6 +132,17 @@ def test_worker_argv_round_trips_through_the_extract_parser():
     assert "--plan" not in rebuilt and rebuilt[0] == "m.parquet"
 
 
+def test_worker_argv_round_trips_through_the_finetune_parser():
+    finetune = pytest.importorskip("videofeat.launcher.finetune")
+    parser = argparse.ArgumentParser()
+    finetune.add_arguments(parser)
+    argv = ["--recipe", "cpu-test", "-o", "out", "--no-progress", "--compile", "--lr", "0.001", "--epochs", "3"]
+    args = parser.parse_args(argv)
+    rebuilt = slurm_cmd.worker_argv(finetune.add_arguments, args)
+    assert "--no-progress" in rebuilt and "--compile" in rebuilt
+    assert vars(parser.parse_args(rebuilt)) == vars(args)
+
+
 def _manifest(tmp_path: Path, frames=(40, 48, 56, 64, 72)) -> str:
     rows = make_dataset(tmp_path, [(f"Rear_view_user_id_{i}_NoAudio_1", n, i) for i, n in enumerate(frames)],
                         action=False)

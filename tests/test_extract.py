@@ -180,3 +180,35 @@ def test_config_errors_name_the_flag(dataset):
         ExtractConfig(manifest=manifest, output="x")
     with pytest.raises(ValueError, match="--resize"):
         tiny_config(manifest, "x", ckpt, resize="slow")
+
+
+def test_sigusr2_stops_at_once_with_an_interrupted_record(dataset, tmp_path):
+    root, _, ckpt, _ = dataset
+    fifo = str(tmp_path / "blocked.mp4")
+    os.mkfifo(fifo)  # decoding never delivers a frame; the signal must still stop the rank
+    rows = [manifest_row("Rear_view_user_id_1_NoAudio_1", str(root / "Rear_view_user_id_1_NoAudio_1.mp4"), 64, 0),
+            manifest_row("Rear_view_blocked", fifo, 64, 0)]
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(rows, manifest)
+    config = tiny_config(manifest, str(tmp_path / "run"), ckpt, decode_stall_s=600)
+    extractor = Extractor(config, Distributed())
+    plan, todo = extractor.prepare(None, None, None)
+
+    def signal_when_blocked():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = list(getattr(extractor.pool, "_workers", []))
+            if any(w.job is not None and w.job.key == 1 for w in workers):
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGUSR2)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=signal_when_blocked, daemon=True).start()
+    started = time.monotonic()
+    assert extractor.execute(plan, todo, claim=True) == 143
+    assert time.monotonic() - started < 30
+    run = RunDir(config.output)
+    (record,) = run.records([0])
+    assert record.state == "interrupted" and "SIGUSR2" in record.last_failure["message"]
+    assert not run.is_done(0) and not os.path.exists(run.shard_path(0))

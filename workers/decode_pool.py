@@ -30,7 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -243,11 +243,14 @@ class DecodePool:
         self.respawns += 1
         return fresh
 
-    def run(self, jobs: Iterable[DecodeJob]) -> Iterator[DecodeEvent]:
-        """Decode ``jobs``, up to ``procs`` at a time; yields frames, then ``done`` or ``failed``."""
+    def run(self, jobs: Iterable[DecodeJob], should_stop: Callable[[], bool] = lambda: False) -> Iterator[DecodeEvent]:
+        """Decode ``jobs``, up to ``procs`` at a time; yields frames, then ``done`` or ``failed``.
+
+        Returns early (jobs unfinished) once ``should_stop()`` is true, even while no frame arrives.
+        """
         self.start()
         pending = collections.deque(jobs)
-        while True:
+        while not should_stop():
             for worker in self._workers:
                 if worker.job is None and pending:
                     worker.assign(pending.popleft())
@@ -316,7 +319,7 @@ class DecodePool:
 
     def close(self) -> None:
         for worker in self._workers:
-            worker.stop()
+            worker.stop(kill=worker.job is not None)  # a busy decoder has nothing left worth waiting for
         self._workers = []
 
 

@@ -90,9 +90,9 @@ class ShardPipeline:
         """Process every row; returns the per-video stats records."""
         jobs = [DecodeJob(i, v.row["uri"], v.decode_start, v.decode_end, _crop(v.row))
                 for i, v in enumerate(self.videos)]
-        for event in self.pool.run(jobs):
+        for event in self.pool.run(jobs, self.should_stop):
             self._on_event(event)
-        self._flush()
+        self._flush()  # raises Interrupted if the pool stopped early for a signal
         self._write_ready()
         return [self._stats(v) for v in self.videos]
 

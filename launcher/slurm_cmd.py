@@ -181,6 +181,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--shards {unknown} are not shards of {args.manifest}")
     run_dir = RunDir(args.output)
+    _refuse_if_busy(run_dir)
     policy = RerunPolicy(args.rerun_failed, args.overwrite, args.max_attempts)
     tasks = se.pack_tasks(run_dir.plan_incomplete(wanted, policy), launch.shards_per_task)
     return _submit(launch, run_dir, tasks, frames, args, kind="slurm", previous=None,
@@ -243,11 +244,7 @@ def run_rerun(args: argparse.Namespace) -> int:
         "max_requeues": last.max_requeues if args.max_requeues is None else args.max_requeues,
         "grace_s": args.grace or last.grace_s, "log_dir": args.log_dir or last.log_dir,
         "job_name": args.job_name or last.job_name, "reduce_time": args.reduce_time or last.reduce_time})
-    busy, stale = se.active_jobs(submissions)
-    if busy:
-        print(f"videofeat slurm rerun: jobs of earlier submissions are still queued or running: {' '.join(busy)}; "
-              "wait for them (their shards would be computed twice) or scancel them first", file=sys.stderr)
-        return 1
+    stale = _refuse_if_busy(run_dir, submissions)
     views = _views_of(last.worker_args)
     frames = se.shard_frames(last.manifest, views)
     tasks = se.rerun_tasks(launch, run_dir, sorted(frames), args.rerun_failed, args.max_attempts)
@@ -256,6 +253,19 @@ def run_rerun(args: argparse.Namespace) -> int:
         print(f"cancelled the stale pending reducer {' '.join(stale)}")
     return _submit(launch, run_dir, tasks, frames, args, kind="rerun", previous=submissions[-1]["plan_id"],
                    total=len(frames))
+
+
+def _refuse_if_busy(run_dir, submissions=None) -> list[str]:
+    """Stop a launch while array tasks of an earlier one are queued; returns stale pending reducers."""
+    from . import slurm_extract as se, slurm_info
+    from .slurm_submit import SlurmError
+
+    submissions = slurm_info.read_submissions(run_dir) if submissions is None else submissions
+    busy, stale = se.active_jobs(submissions)
+    if busy:
+        raise SlurmError(f"jobs of earlier submissions to {run_dir.url} are still queued or running: "
+                         f"{' '.join(busy)}; wait for them (their shards would be computed twice) or scancel them")
+    return stale
 
 
 def _views_of(worker_args: Sequence[str]):

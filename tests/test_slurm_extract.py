@@ -133,3 +133,41 @@ def test_array_fault_status_rerun_and_preemption(tmp_path):
         if local is not None and local.poll() is None:
             local.kill()
         cancel_all(submitted)
+
+
+def test_rerun_refuses_while_tasks_run_and_cancels_a_stale_reducer(tmp_path):
+    require_cluster()
+    from videofeat.launcher.slurm_extract import ArrayLaunch
+
+    rows = make_dataset(tmp_path, SPECS[:1], action=False)
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(rows, manifest)
+    out = str(tmp_path / "run")
+    run = RunDir(out)
+    run.initialize({"test": 1}, {})
+    sbatch = ["sbatch", "--parsable", "--output=/dev/null"]
+    array = subprocess.run(sbatch + ["--array=0", "--wrap", "sleep 60"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    reducer = subprocess.run(sbatch + ["--hold", "--wrap", "true"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    try:
+        run.write_plan("slurm-test", [[0]])
+        launch = ArrayLaunch(run_dir=out, manifest=manifest, worker_args=(manifest, "--output", out))
+        slurm_info.write_submission(run, {"plan_id": "slurm-test", "created_ns": 1, "launch": launch.to_dict(),
+                                          "log_dir": launch.log_dir, "arrays": [{"job_id": array, "offset": 0,
+                                                                                 "count": 1}],
+                                          "reducer": {"job_id": reducer}})
+        wait_for(lambda: any(j.state == "RUNNING" for j in active([array])), 30, "the array task to run")
+        busy = run_cli("slurm", "rerun", out, check=False)
+        assert busy.returncode == 1 and f"{array}_0" in busy.stderr and "still queued or running" in busy.stderr
+        subprocess.run(["scancel", array], check=True)
+        wait_for(lambda: not active([array]), 30, "the array task to leave the queue")
+        # Shard 0 completed meanwhile: nothing to recompute, but the held reducer is stale.
+        temp = run.temp_shard_path(0)
+        run.fs.pipe_file(temp, b"x")
+        run.commit_shard(0, temp, {})
+        done = run_cli("slurm", "rerun", out)
+        assert f"cancelled the stale pending reducer {reducer}" in done.stdout and "nothing to submit" in done.stdout
+        wait_for(lambda: not active([reducer]), 30, "the stale reducer to be cancelled")
+    finally:
+        cancel_all([array, reducer])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -39,6 +40,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("videofeat.launcher.demo", "run the whole pipeline on a small generated dataset",
              "videofeat demo -o videofeat-demo"),
 }
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from videofeat.manifests.ledger import FingerprintMismatch
+
+    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
+            FingerprintMismatch)
 
 
 def _available_commands() -> dict[str, tuple[str, str, str]]:
@@ -131,7 +139,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
         return 2
     args, module = parse_command(name, rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except _user_errors() as exc:
+        # Bad input (a missing file, a wrong flag value, a run directory of another fingerprint):
+        # the message names the file and the fix; a traceback would only bury it.
+        if os.environ.get("VIDEOFEAT_DEBUG"):
+            raise
+        print(f"videofeat {name}: error: {exc}\n(set VIDEOFEAT_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

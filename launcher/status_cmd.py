@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from videofeat.launcher.slurm_info import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
@@ -29,15 +30,7 @@ def _log_tail(run_dir: RunDir, path: str) -> list[str]:
 
 def _where(record: ShardRecord) -> str:
     info = (record.stats or record.last_failure or {})
-    slurm = info.get("slurm") or {}
-    parts = []
-    if info.get("host"):
-        parts.append(f"host {info['host']} rank {info.get('rank', 0)}")
-    if slurm.get("slurm_array_job_id"):
-        parts.append(f"array task {slurm['slurm_array_job_id']}_{slurm.get('slurm_array_task_id')}")
-    elif slurm.get("slurm_job_id"):
-        parts.append(f"job {slurm['slurm_job_id']}")
-    return ", ".join(parts)
+    return f"host {info['host']} rank {info.get('rank', 0)}" if info.get("host") else ""
 
 
 def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
@@ -64,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.run_dir)
     data = collect(run_dir, args.max_attempts)
     records: list[ShardRecord] = data["records"]
+    slurm_tasks = shard_tasks(run_dir, records)
     counts: dict[str, int] = {}
     for record in records:
         counts[record.state] = counts.get(record.state, 0) + 1
@@ -74,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         where = _where(record)
         line = f"  {record.shard_id:05d} {record.state:<11} attempts {record.attempts}" + (f"  ({where})" if where else "")
         print(line)
+        if record.shard_id in slurm_tasks:
+            print(f"        slurm: {slurm_tasks[record.shard_id].describe()}")
         if record.last_failure:
             print(f"        {record.last_failure.get('kind')}: {record.last_failure.get('message')}")
         if record.logs:
@@ -91,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         info = load_run_info(run_dir)
     if pending:
         print("rerun what is missing or failed with:\n  " + rerun_command(info))
+        if latest_submission(run_dir):
+            print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(args.run_dir)}")
     if transient:
         print("recompute the shards whose videos failed transiently with:\n  " + rerun_command(info, rerun_failed=True))
     if not pending and not transient:

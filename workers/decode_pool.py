@@ -101,7 +101,10 @@ def _die_with_parent() -> None:
 def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tuple, dtype: str,
                  free: Any, resize: FrameResize, backend: str, threads: int) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
+    # a step, and a decode process that died of them would look like a crashed video.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(stop_signal, signal.SIG_IGN)
     shm = shared_memory.SharedMemory(name=shm_name)
     slots = np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=shm.buf)
     slot = 0

@@ -288,8 +288,9 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
         if not todo:
             log.info("nothing to do: every selected shard is complete")
             return 0
-        # A SLURM task owns its list; torchrun ranks (or a lone process) share one by claiming.
-        return extractor.execute(plan, todo, claim=plan_id is None)
+        # A SLURM task owns its list; torchrun ranks (a lone process, or the N local ranks of
+        # one SLURM task under --ranks-per-task) share a list by claiming from it.
+        return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
 

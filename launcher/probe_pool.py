@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import signal
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from videofeat.manifests.status import CRASHED, TIMEOUT
+from videofeat.manifests.status import CRASHED, TIMEOUT, describe_exit
 
 
 def _worker(task_queue: "mp.Queue", result_queue: "mp.Queue", slot: int) -> None:
@@ -25,15 +24,6 @@ def _worker(task_queue: "mp.Queue", result_queue: "mp.Queue", slot: int) -> None
         if uri is None:
             return
         result_queue.put((slot, uri, probe_video(uri)))
-
-
-def signal_name(exitcode: Optional[int]) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
 
 
 class _Slot:
@@ -92,7 +82,7 @@ def probe_all(uris: Sequence[str], procs: int = 2, timeout_s: float = 60.0,
                 failure = None
                 if not slot.process.is_alive():
                     failure = {"status": CRASHED, "error": f"probing {slot.uri} killed the prober "
-                               f"({signal_name(slot.process.exitcode)}); the file is likely corrupt"}
+                               f"({describe_exit(slot.process.exitcode)}); the file is likely corrupt"}
                 elif time.monotonic() - slot.started > timeout_s:
                     failure = {"status": TIMEOUT, "error": f"probing {slot.uri} took over {timeout_s:.0f} s "
                                "(a hung read: is it a FIFO or a stalled mount?); raise --probe-timeout-s if it is just slow"}

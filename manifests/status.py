@@ -7,6 +7,7 @@ attempt, so a rerun may clear them.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -33,6 +34,16 @@ def is_permanent(status: str) -> bool:
 
 def is_transient(status: str) -> bool:
     return status in TRANSIENT
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """How a child process ended, for a ``crashed`` record: ``SIGSEGV``, ``exit code 3``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def validate(status: str) -> str:

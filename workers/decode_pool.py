@@ -34,13 +34,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNREADABLE, describe_exit
+
 from .decoders import VideoDecodeError, VideoOpenError, open_video
 from .resize import FrameResize
 
 log = logging.getLogger(__name__)
 
-# Statuses (the strings of manifests/status.py, repeated so children import nothing else).
-EMPTY, UNREADABLE, DECODE_ERROR, TIMEOUT, CRASHED = "empty", "unreadable", "decode_error", "timeout", "crashed"
 
 
 @dataclass(frozen=True)
@@ -195,15 +195,6 @@ class _Worker:
         self.shm.unlink()
 
 
-def _signal_name(exitcode: Optional[int]) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
 class DecodePool:
     """Long-lived decode processes; :meth:`run` streams the frames of many jobs, in order per job."""
 
@@ -298,7 +289,7 @@ class DecodePool:
         """The watchdog: a dead or stalled process fails its job and is replaced."""
         job = worker.job
         if not worker.process.is_alive():
-            how = _signal_name(worker.process.exitcode)
+            how = describe_exit(worker.process.exitcode)
             log.warning("decode process %s died (%s) while decoding %s; respawning", worker.pid, how, job.uri)
             event = DecodeEvent("failed", job.key, status=CRASHED, frames_decoded=worker.frames,
                                 error=f"decode process died by {how} at frame {worker.next_frame} of {job.uri}",

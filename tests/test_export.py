@@ -160,8 +160,10 @@ def test_multiview_table_aligns_windows_of_a_session(tmp_path):
     assert summary["sessions"] == 4
 
 
-def test_dataset_opens_in_duckdb_and_pyarrow(tmp_path):
-    duckdb = pytest.importorskip("duckdb")
+def test_dataset_opens_in_duckdb_pandas_and_pyarrow(tmp_path):
+    import duckdb
+    import pandas as pd
+
     run = reduced_run(tmp_path)
     path = os.path.join(run.dataset_dir, "rear.parquet")
     counts = duckdb.sql(f"SELECT video_id, count(*) AS n, max(window_index) AS last FROM '{path}' "
@@ -170,6 +172,8 @@ def test_dataset_opens_in_duckdb_and_pyarrow(tmp_path):
     first = duckdb.sql(f"SELECT feature FROM '{path}' WHERE window_index = 3 ORDER BY video_id LIMIT 1").fetchall()[0]
     assert len(first[0]) == 8 and first[0][0] == 3.0
     assert pq.read_table(path, columns=["video_id"]).num_rows == 18
+    frame = pd.read_parquet(path)
+    assert len(frame) == 18 and list(frame["window_index"][:3]) == [0, 1, 2] and len(frame["feature"][0]) == 8
 
 
 def test_export_command_exit_codes_and_no_torch(tmp_path):

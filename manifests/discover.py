@@ -138,10 +138,8 @@ def discover_list(list_path: str, views: Optional[Sequence[str]] = None) -> Disc
 def _read_table_rows(path: str) -> list[dict]:
     fs, inner = fsutil.filesystem(path)
     if inner.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fs.open(inner, "rb") as handle:
-            return [{k: (None if v is None else str(v)) for k, v in r.items()} for r in pq.read_table(handle).to_pylist()]
+        rows = fsutil.read_parquet(path).to_pylist()
+        return [{k: (None if v is None else str(v)) for k, v in r.items()} for r in rows]
     with fs.open(inner, "rb") as handle:
         text = handle.read().decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))

@@ -191,8 +191,4 @@ def write_labels(rows: Sequence[Mapping], path: str) -> None:
 
 
 def read_labels(path: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    fs, inner = fsutil.filesystem(path)
-    with fs.open(inner, "rb") as handle:
-        return pq.read_table(handle)
+    return fsutil.read_parquet(path)

@@ -143,8 +143,7 @@ def read_manifest(path: str) -> pa.Table:
     fs, inner = fsutil.filesystem(path)
     if not fs.exists(inner):
         raise FileNotFoundError(f"manifest {path} does not exist; build it with `videofeat manifest ROOT -o {path}`")
-    with fs.open(inner, "rb") as handle:
-        table = pq.read_table(handle)
+    table = fsutil.read_parquet(path)
     if METADATA_KEY not in (table.schema.metadata or {}):
         raise ManifestError(f"{path} is not a videofeat manifest (no '{METADATA_KEY.decode()}' metadata); "
                             "build one with `videofeat manifest`")

@@ -110,3 +110,21 @@ def test_probe_timeout_on_a_fifo(tmp_path):
     results = probe_all([str(fifo), good], procs=1, timeout_s=2.0)
     assert results[str(fifo)]["status"] == "timeout" and "FIFO" in results[str(fifo)]["error"]
     assert results[good]["status"] == "ok"
+
+
+def test_reading_a_manifest_leaves_the_exit_code_alone(aicity_tree, tmp_path):
+    """pyarrow's threaded reader over a Python file object used to abort the process at exit."""
+    import subprocess
+    import sys
+
+    root, _ = aicity_tree
+    out = tmp_path / "m.parquet"
+    run_cli("manifest", str(root), "-o", str(out))
+    code = ("import sys, fsspec\n"
+            "from videofeat.manifests.manifest import read_manifest\n"
+            f"local = read_manifest({str(out)!r})\n"
+            f"fsspec.filesystem('memory').pipe('/exit-test/m.parquet', open({str(out)!r}, 'rb').read())\n"
+            "assert read_manifest('memory://exit-test/m.parquet').equals(local)\n"
+            "sys.exit(3)\n")
+    for _ in range(3):
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 3

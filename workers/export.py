@@ -193,7 +193,7 @@ def video_timing(dataset: Dataset) -> dict[str, dict]:
         if fs.exists(path):
             names = pq.read_schema(path, filesystem=fs).names
             columns = [c for c in ("video_id", "fps", "fps_num", "fps_den", "duration_s", "num_frames") if c in names]
-            for row in pq.read_table(path, columns=columns, filesystem=fs).to_pylist():
+            for row in fsutil.read_parquet(path, columns=columns, fs=fs).to_pylist():
                 fps = row.get("fps")
                 if row.get("fps_num") and row.get("fps_den"):
                     fps = row["fps_num"] / row["fps_den"]

@@ -148,7 +148,7 @@ def read_expected(info: RunInfo) -> list[VideoCheck]:
         raise ValueError(f"{info.manifest} is not a videofeat manifest (no column {', '.join(missing)}); "
                          "write it with `videofeat manifest`")
     columns = [c for c in MANIFEST_COLUMNS if c in schema.names]
-    rows = pq.read_table(path, columns=columns, filesystem=fs).to_pylist()
+    rows = fsutil.read_parquet(path, columns=columns, fs=fs).to_pylist()
     videos: dict[str, VideoCheck] = {}
     for row in rows:
         view = canonical_view(row["view"])

@@ -31,12 +31,18 @@ def compute_fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(parts)).encode()).hexdigest()[:20]
 
 
-def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable lines naming each fingerprint part that differs."""
+def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable lines naming each fingerprint part that differs, down to nested fields
+    (``preset.name: run directory has "aicity-vith", this launch has "aicity-vitl"``)."""
     lines = []
     for key in sorted(set(old) | set(new)):
-        if canonical_json(old.get(key)) != canonical_json(new.get(key)):
-            lines.append(f"{key}: run directory has {_short(old.get(key))}, this launch has {_short(new.get(key))}")
+        before, after = old.get(key), new.get(key)
+        if canonical_json(before) == canonical_json(after):
+            continue
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            lines += describe_difference(before, after, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key}: run directory has {_short(before)}, this launch has {_short(after)}")
     return lines
 
 

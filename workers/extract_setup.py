@@ -95,6 +95,8 @@ class ModelSet:
         s = self.preset.sampling
         overrides = {"num_frames": s.num_frames, "img_size": self.preset.size}
         if path is None:
+            log.warning("no --checkpoint: %s runs with random weights (seed %d); its features only serve "
+                        "tests and timing", self.config.model, self.config.seed)
             torch.manual_seed(self.config.seed)  # random weights, identical on every rank
             model = create_model(self.config.model, **overrides)
         else:

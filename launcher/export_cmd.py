@@ -44,9 +44,6 @@ def run(args: argparse.Namespace) -> int:
     except DatasetNotReady as error:
         print(f"videofeat export: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
-        print(f"videofeat export: {error}", file=sys.stderr)
-        return 2
     print(describe(report))
     return 0
 

@@ -44,22 +44,15 @@ def run(args: argparse.Namespace) -> int:
     except IncompleteRun as error:
         print(f"videofeat reduce: {error}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as error:
-        print(f"videofeat reduce: {error}", file=sys.stderr)
-        return 2
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from videofeat.launcher.cli import apply_config_defaults, build_command_parser
+    """``python launcher/reduce.py RUN_DIR``: the same command as ``videofeat reduce``."""
+    from videofeat.launcher.cli import main as videofeat_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser, _ = build_command_parser("reduce")
-    parser.prog = "python launcher/reduce.py"
-    config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-    apply_config_defaults(parser, config_path)
-    return run(parser.parse_args(argv))
+    return videofeat_main(["reduce", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

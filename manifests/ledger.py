@@ -144,10 +144,6 @@ class RunDir:
     def dataset_dir(self) -> str:
         return self.path("dataset")
 
-    def local_path(self, path: str) -> str:
-        """A path usable by plain ``open``/logging when the run directory is local."""
-        return path if fsutil.is_local(self.fs) else path
-
     # ----- run.json and the fingerprint --------------------------------------------------
     def load_run(self) -> Optional[dict]:
         return fsutil.optional_read_json(self.fs, self.run_json)

@@ -178,14 +178,20 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
                             hf_config=_hf_config_beside(fs, file))
 
 
-def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
-    """Layout, architecture, classes, parameter count and extra top-level keys of a checkpoint."""
+def read_filtered(path: PathLike) -> tuple[LoadedCheckpoint, dict, Any, dict]:
+    """(checkpoint, filtered state dict, filter report, shapes-derived architecture)."""
     ckpt = read_checkpoint(path)
     state_dict, report = filter_state_dict(ckpt.state_dict)
     try:
         shape = arch_from_state_dict(state_dict, source=ckpt.path)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
+    return ckpt, state_dict, report, shape
+
+
+def inspect_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Layout, architecture, classes, parameter count and extra top-level keys of a checkpoint."""
+    ckpt, state_dict, report, shape = read_filtered(path)
     record = ckpt.arch_record or {}
     hf = ckpt.hf_config or {}
     heads = record.get("num_heads") or hf.get("num_attention_heads") or HEADS_BY_DIM.get(shape["embed_dim"])

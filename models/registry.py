@@ -61,8 +61,8 @@ def create_model(name: str, *, checkpoint: Union[str, os.PathLike, None] = None,
     With ``for_finetune=True`` a head of a different size (or a missing head / ``fc_norm``, as
     in pre-training checkpoints) is re-initialised, and this is logged.
     """
-    from .checkpoint import CheckpointError, read_checkpoint
-    from .videomae import VideoMAEViT, arch_from_state_dict, checkpoint_filter_fn, filter_state_dict, model_arch
+    from .checkpoint import CheckpointError, read_filtered
+    from .videomae import VideoMAEViT, checkpoint_filter_fn, model_arch
 
     use_checkpoint = bool(overrides.pop("use_checkpoint", False))
     if checkpoint is None:
@@ -72,12 +72,7 @@ def create_model(name: str, *, checkpoint: Union[str, os.PathLike, None] = None,
             overrides["num_classes"] = num_classes
         return _entry(name)(use_checkpoint=use_checkpoint, **overrides)
 
-    ckpt = read_checkpoint(checkpoint)
-    state_dict, report = filter_state_dict(ckpt.state_dict)
-    try:
-        shape = arch_from_state_dict(state_dict, source=ckpt.path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    ckpt, state_dict, report, shape = read_filtered(checkpoint)
     if report.pretraining and not for_finetune:
         raise CheckpointError(
             f"{ckpt.path} is a VideoMAE pre-training checkpoint (encoder + decoder, no fc_norm and no "

@@ -100,15 +100,15 @@ def exists_with_backoff(fs: fsspec.AbstractFileSystem, path: str, budget_s: floa
 def read_parquet(url: str, columns: Optional[list[str]] = None, fs: Optional[fsspec.AbstractFileSystem] = None):
     """A whole Parquet file as a table: ``url``, or ``url`` as a path inside ``fs``.
 
-    Local files are read by path. Anything else goes through a Python file object, which
-    pyarrow 26's threaded reader cannot take: the process aborts at exit ("terminate called
-    without an active exception") after the command has finished. So those read on one thread.
+    Always on one thread: these are small tables (manifests, labels, a column of a shard), and
+    pyarrow 26's thread pool can abort the process at exit ("terminate called without an active
+    exception") after the work is done; through a Python file object it did so every time.
     """
     import pyarrow.parquet as pq
 
     fs, path = (fs, url) if fs is not None else filesystem(url)
     if is_local(fs):
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(path, columns=columns, use_threads=False)
     with fs.open(path, "rb") as handle:
         return pq.read_table(handle, columns=columns, use_threads=False)
 

@@ -24,7 +24,8 @@ RUN_TIMEOUT = 240
 def _run(args, **popen) -> subprocess.CompletedProcess:
     proc = torchrun(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    assert proc.returncode == 0, out[-4000:]
+    # A rank's own error comes first, torchrun's summary last: show both ends.
+    assert proc.returncode == 0, out[:6000] + "\n...\n" + out[-3000:]
     return subprocess.CompletedProcess(args, proc.returncode, out)
 
 

@@ -113,6 +113,14 @@ class Distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # gloo ranks leave together: one still tearing down while its peer has already
+                # exited can die in a background thread (std::terminate -> SIGABRT). Not under
+                # nccl, whose watchdog would kill a rank waiting out the others' longer shards.
+                if dist.get_backend() == "gloo":
+                    try:
+                        dist.barrier()
+                    except RuntimeError as exc:  # a peer is already gone: nothing to wait for
+                        log.warning("barrier before teardown failed: %s", exc)
                 dist.destroy_process_group()
             self._created = False
 

@@ -195,7 +195,7 @@ def decoder_memory(video: str) -> dict:
     """Stream every frame of ``video`` through each decoder alone; peak RSS of that process."""
     out = {}
     for backend in ("pyav", "decord"):
-        code = ("import sys; from videofeat.workers.decoders import open_video\n"
+        code = ("import sys; from videofeat.workers.decode.decoders import open_video\n"
                 f"s = open_video({video!r}, {backend!r}); n = sum(1 for _ in s.stream()); print(n)")
         result, peak, wall = run_sampled([sys.executable, "-c", code])
         out[backend] = {"frames": int(result.stdout.split()[-1]), "peak_rss_mb": peak / 2**20,

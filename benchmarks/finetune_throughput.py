@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_throughput import DTYPES, card_peak_tflops, counted_gmacs  # noqa: E402
 
 from videofeat.models import create_model, model_arch  # noqa: E402
-from videofeat.workers.optim import OptimConfig, apply_lr, build_optimizer  # noqa: E402
+from videofeat.workers.finetune.optim import OptimConfig, apply_lr, build_optimizer  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -83,9 +83,9 @@ def time_pipeline(workdir: str, num_clips: int, epochs: int, batch: int, num_wor
     """Clips/s per process of the real loop over generated pre-cut clips (cpu-test recipe)."""
     from videofeat.launcher.cli import parse_command
     from videofeat.launcher.finetune import build_config
-    from videofeat.workers.synthetic import write_action_video
-    from videofeat.workers.train_dist import DistEnv
-    from videofeat.workers.train_loop import Trainer
+    from videofeat.workers.decode.synthetic import write_action_video
+    from videofeat.workers.finetune.collectives import DistEnv
+    from videofeat.workers.finetune.loop import Trainer
 
     root = Path(workdir)
     lines = []

@@ -73,7 +73,7 @@ def build_run(root: str, shards: int, videos_per_shard: int, windows: int, dim: 
 _CHILD = """
 import json, resource, sys, time
 import pyarrow as pa
-from videofeat.workers.reducer import ReduceConfig, reduce_run
+from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 began = time.monotonic()
 summary = reduce_run(ReduceConfig(sys.argv[1], marker_wait_s=0))
 print(json.dumps({"pool_peak": pa.default_memory_pool().max_memory(),

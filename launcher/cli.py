@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "videofeat export runs/vitl --format actionformer -o feats/vitl --labels labels.parquet"),
     "finetune": ("videofeat.launcher.finetune", "fine-tune a VideoMAE-family ViT (also under torchrun)",
                  "videofeat finetune --config finetune.toml"),
-    "slurm": ("videofeat.launcher.slurm_cmd", "submit extraction arrays, reruns and fine-tuning to SLURM",
+    "slurm": ("videofeat.launcher.slurm.command", "submit extraction arrays, reruns and fine-tuning to SLURM",
               "videofeat slurm extract manifest.parquet -o runs/vitl --preset aicity-vitl --time 04:00:00"),
     "demo": ("videofeat.launcher.demo", "run the whole pipeline on a small generated dataset",
              "videofeat demo -o videofeat-demo"),

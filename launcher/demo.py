@@ -80,7 +80,7 @@ def generate_dataset(root: str, config: DemoConfig) -> dict:
     """AI City layout: ``root/user_id_<u>/<View>_user_id_<u>_NoAudio_<n>.MP4`` plus one CSV per user."""
     import csv
 
-    from videofeat.workers.synthetic import write_action_video
+    from videofeat.workers.decode.synthetic import write_action_video
 
     frames = config.seconds * FPS
     users = [10001 + 1111 * i for i in range(config.users)]

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videofeat.workers.export import DatasetNotReady, ExportConfig, export_run
+    from videofeat.workers.reduce.export import DatasetNotReady, ExportConfig, export_run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -71,8 +71,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 def build_config(args: argparse.Namespace):
     from videofeat.manifests.views import parse_views
-    from videofeat.workers.extract import ExtractConfig
-    from videofeat.workers.extract_setup import parse_checkpoints
+    from videofeat.workers.extract.loop import ExtractConfig
+    from videofeat.workers.extract.setup import parse_checkpoints
 
     return ExtractConfig(
         manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"videofeat extract: {exc}", file=sys.stderr)
         return 2
     from videofeat.manifests.ledger import FingerprintMismatch
-    from videofeat.workers.extract import run_extraction
+    from videofeat.workers.extract.loop import run_extraction
 
     try:
         return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)

@@ -102,12 +102,12 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    """The resolved :class:`~videofeat.workers.train_loop.TrainConfig` of parsed flags."""
-    from videofeat.workers.augment import AugmentConfig
-    from videofeat.workers.clip_sampling import SamplingConfig
-    from videofeat.workers.finetune_data import load_segments, read_clip_list
-    from videofeat.workers.optim import OptimConfig
-    from videofeat.workers.train_loop import TrainConfig
+    """The resolved :class:`~videofeat.workers.finetune.loop.TrainConfig` of parsed flags."""
+    from videofeat.workers.finetune.augment import AugmentConfig
+    from videofeat.workers.finetune.clip_sampling import SamplingConfig
+    from videofeat.workers.finetune.data import load_segments, read_clip_list
+    from videofeat.workers.finetune.optim import OptimConfig
+    from videofeat.workers.finetune.loop import TrainConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("recipe", "config", "log_level")}
     v = resolve(args.recipe, given)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
-    from videofeat.workers.train_loop import run_training
+    from videofeat.workers.finetune.loop import run_training
 
     result = run_training(cfg)
     log.info("fine-tuning %s at step %d (epoch %d)", result["status"], result["step"], result["epoch"])

@@ -39,12 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _probe(uris: list[str], args: argparse.Namespace) -> dict:
     if any(u.startswith("memory://") for u in uris):
         # An in-memory filesystem lives in this process only: probe here.
-        from videofeat.workers.probe import probe_video
+        from videofeat.manifests.probe import probe_video
 
         return {u: probe_video(u) for u in uris}
     from tqdm import tqdm
 
-    from videofeat.launcher.probe_pool import probe_all
+    from videofeat.manifests.probe_pool import probe_all
 
     with tqdm(total=len(uris), desc="probing", unit="video", disable=None) as bar:
         return probe_all(uris, args.probe_procs, args.probe_timeout_s, on_result=lambda *_: bar.update())

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from videofeat.workers.reducer import IncompleteRun, ReduceConfig, format_summary, reduce_run
+    from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, format_summary, reduce_run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from videofeat.launcher.slurm_info import latest_submission, shard_tasks
+from videofeat.launcher.slurm.records import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
-from videofeat.workers.run_info import load_run_info, rerun_command
+from videofeat.workers.reduce.run_record import load_run_info, rerun_command
 
 LOG_TAIL_LINES = 5
 

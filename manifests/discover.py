@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from . import fsutil
-from .views import canonical_view, maybe_canonical_view
+from videofeat.manifests import fsutil
+from videofeat.manifests.views import canonical_view, maybe_canonical_view
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
 DEFAULT_VIEW = "default"

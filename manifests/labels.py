@@ -17,8 +17,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
-from . import fsutil
-from .views import AICITY_PREFIX, maybe_canonical_view
+from videofeat.manifests import fsutil
+from videofeat.manifests.views import AICITY_PREFIX, maybe_canonical_view
 
 AICITY_CLASSES = (
     "Normal Forward Driving", "Drinking", "Phone Call(right)", "Phone Call(left)", "Eating",

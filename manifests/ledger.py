@@ -25,9 +25,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from . import fsutil
-from .fingerprint import compute_fingerprint, describe_difference
-from .status import TRANSIENT
+from videofeat.manifests import fsutil
+from videofeat.manifests.fingerprint import compute_fingerprint, describe_difference
+from videofeat.manifests.status import TRANSIENT
 
 # Shard states, as `videofeat status` and the planners use them.
 DONE = "done"

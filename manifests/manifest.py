@@ -17,10 +17,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import fsutil
-from .discover import DiscoveredVideo
-from .shards import ShardingConfig, WorkUnit, assign_shards, whole_video_unit
-from .status import OK, TOO_SHORT
+from videofeat.manifests import fsutil
+from videofeat.manifests.discover import DiscoveredVideo
+from videofeat.manifests.shards import ShardingConfig, WorkUnit, assign_shards, whole_video_unit
+from videofeat.manifests.status import OK, TOO_SHORT
 
 METADATA_KEY = b"videofeat.manifest"
 DEFAULT_MIN_FRAMES = 32

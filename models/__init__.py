@@ -5,10 +5,10 @@ architecture read from the checkpoint) and loads any supported checkpoint layout
 ``save_checkpoint`` writes videofeat's own layout, which records the architecture.
 """
 
-from .checkpoint import (CheckpointError, LoadedCheckpoint, inspect_checkpoint, read_checkpoint,
+from videofeat.models.checkpoint import (CheckpointError, LoadedCheckpoint, inspect_checkpoint, read_checkpoint,
                          save_checkpoint, sha256_of)
-from .registry import HEADS_BY_DIM, create_model, list_models, register_model
-from .videomae import (VideoMAEArch, VideoMAEViT, arch_from_state_dict, checkpoint_filter_fn,
+from videofeat.models.registry import HEADS_BY_DIM, create_model, list_models, register_model
+from videofeat.models.videomae import (VideoMAEArch, VideoMAEViT, arch_from_state_dict, checkpoint_filter_fn,
                        convert_hf_state_dict, filter_state_dict, model_arch)
 
 __all__ = [

@@ -22,8 +22,8 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from .registry import HEADS_BY_DIM
-from .videomae import arch_from_state_dict, filter_state_dict
+from videofeat.models.registry import HEADS_BY_DIM
+from videofeat.models.videomae import arch_from_state_dict, filter_state_dict
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "inspect_checkpoint",
            "save_checkpoint", "sha256_of", "SAFE_GLOBALS"]

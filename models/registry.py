@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .videomae import VideoMAEViT
+    from videofeat.models.videomae import VideoMAEViT
 
 _log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    from . import videomae  # noqa: F401  (registers the entry points)
+    from videofeat.models import videomae  # noqa: F401  (registers the entry points)
 
     return sorted(_MODELS)
 
 
 def _entry(name: str) -> Callable[..., Any]:
-    from . import videomae  # noqa: F401
+    from videofeat.models import videomae  # noqa: F401
 
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose 'auto' (with a checkpoint) or one of "
@@ -61,8 +61,8 @@ def create_model(name: str, *, checkpoint: Union[str, os.PathLike, None] = None,
     With ``for_finetune=True`` a head of a different size (or a missing head / ``fc_norm``, as
     in pre-training checkpoints) is re-initialised, and this is logged.
     """
-    from .checkpoint import CheckpointError, read_filtered
-    from .videomae import VideoMAEViT, checkpoint_filter_fn, model_arch
+    from videofeat.models.checkpoint import CheckpointError, read_filtered
+    from videofeat.models.videomae import VideoMAEViT, checkpoint_filter_fn, model_arch
 
     use_checkpoint = bool(overrides.pop("use_checkpoint", False))
     if checkpoint is None:
@@ -152,7 +152,7 @@ def pos_grid_of(record: dict[str, Any]) -> Optional[tuple[int, int, int]]:
     """Token grid recorded in a videofeat arch record, if any."""
     if not record or not {"num_frames", "img_size", "patch_size", "tubelet_size"} <= set(record):
         return None
-    from .videomae import VideoMAEArch
+    from videofeat.models.videomae import VideoMAEArch
 
     return VideoMAEArch.from_dict({**record, "num_heads": 1, "embed_dim": 1}).grid
 
@@ -178,7 +178,7 @@ def _eps_fields(record: dict, weights: str, hf_config: Optional[dict]) -> dict[s
 
 def registered_name_of(arch: Any) -> Optional[str]:
     """The registered model whose structure ``arch`` has (clip shape and head aside), if any."""
-    from .videomae import _CFGS, model_arch
+    from videofeat.models.videomae import _CFGS, model_arch
 
     keys = ("embed_dim", "depth", "num_heads", "mlp_hidden", "patch_size", "tubelet_size", "in_chans",
             "qkv_bias", "learned_pos_embed", "global_pool")
@@ -191,8 +191,8 @@ def registered_name_of(arch: Any) -> Optional[str]:
 
 
 def _auto_arch(shape: dict, record: dict, ckpt: Any, fields: dict):
-    from .checkpoint import CheckpointError
-    from .videomae import VideoMAEArch
+    from videofeat.models.checkpoint import CheckpointError
+    from videofeat.models.videomae import VideoMAEArch
 
     hf = ckpt.hf_config or {}
     dim = shape["embed_dim"]

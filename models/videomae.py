@@ -16,8 +16,8 @@ import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .layers import Block, PatchEmbed3d, resample_pos_embed, sinusoid_table
-from .registry import register_model
+from videofeat.models.layers import Block, PatchEmbed3d, resample_pos_embed, sinusoid_table
+from videofeat.models.registry import register_model
 
 __all__ = ["VideoMAEArch", "VideoMAEViT", "checkpoint_filter_fn", "filter_state_dict", "arch_from_state_dict"]
 

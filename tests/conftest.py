@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from videofeat.workers.synthetic import write_index_video
+from videofeat.workers.decode.synthetic import write_index_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests may import their helper modules

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from videofeat.manifests.manifest import SCHEMA, write_manifest
-from videofeat.workers.synthetic import write_action_video, write_index_video
+from videofeat.workers.decode.synthetic import write_action_video, write_index_video
 
 # 8-frame clips on `videomae_test`: span 16, hop 8, 8 frames at step 2, 64x64.
 TINY_ARGS = ("--preset", "aicity-vith", "--span", "16", "--hop", "8", "--num-frames", "8", "--frame-step", "2",

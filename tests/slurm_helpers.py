@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import pytest
 
-from videofeat.launcher import slurm_submit as ss
+from videofeat.launcher.slurm import submit as ss
 
 
 def require_cluster() -> None:

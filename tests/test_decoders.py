@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from videofeat.workers.decoders import VideoDecodeError, VideoOpenError, open_video
-from videofeat.workers.synthetic import index_frame, read_index, write_index_video, write_video
+from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
+from videofeat.workers.decode.synthetic import index_frame, read_index, write_index_video, write_video
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from helpers_extract import TINY_ARGS, make_dataset, run_extract, tiny_checkpoint
 from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
-from videofeat.workers.extract import ExtractConfig, run_extraction
+from videofeat.workers.extract.loop import ExtractConfig, run_extraction
 
 pytestmark = pytest.mark.slow
 LIGHT = ("--decode-procs", "1")  # 2 ranks x 1 decode process on the 2-core CI machine

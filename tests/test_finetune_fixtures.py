@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 from videofeat.manifests.discover import discover_aicity
 from videofeat.manifests.labels import write_labels
 from videofeat.manifests.manifest import build_rows, write_manifest
-from videofeat.workers.probe import probe_video
-from videofeat.workers.synthetic import write_action_video
+from videofeat.manifests.probe import probe_video
+from videofeat.workers.decode.synthetic import write_action_video
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FPS = 30

@@ -74,11 +74,11 @@ def test_two_rank_evaluation_equals_one_rank(data, straight):
     """The odd-sized (11) validation set, split over 2 ranks inside torchrun, gives exactly the
     metrics of evaluating the same final weights in one process."""
     from videofeat.models import create_model
-    from videofeat.workers.augment import ClipTransform
-    from videofeat.workers.finetune_data import ClipDataset, load_segments
-    from videofeat.workers.train_dist import DistEnv
-    from videofeat.workers.train_eval import evaluate
-    from videofeat.workers.train_loop import TrainConfig
+    from videofeat.workers.finetune.augment import ClipTransform
+    from videofeat.workers.finetune.data import ClipDataset, load_segments
+    from videofeat.workers.finetune.collectives import DistEnv
+    from videofeat.workers.finetune.evaluate import evaluate
+    from videofeat.workers.finetune.loop import TrainConfig
     from videofeat.launcher.cli import parse_command
     from videofeat.launcher.finetune import build_config
 

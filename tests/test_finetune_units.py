@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from videofeat.workers.augment import AugmentConfig, ClipTransform, apply_mixup, build_mixup
-from videofeat.workers.clip_sampling import SamplingConfig, clip_indices, dense_indices, sample_rng, uniform_indices
-from videofeat.workers.finetune_data import (ClipDataset, ResumableDistributedSampler, Segment, read_clip_list,
+from videofeat.workers.finetune.augment import AugmentConfig, ClipTransform, apply_mixup, build_mixup
+from videofeat.workers.finetune.clip_sampling import SamplingConfig, clip_indices, dense_indices, sample_rng, uniform_indices
+from videofeat.workers.finetune.data import (ClipDataset, ResumableDistributedSampler, Segment, read_clip_list,
                                              read_frames)
-from videofeat.workers.optim import CosineSchedule, OptimConfig, param_groups, scaled_lr
-from videofeat.workers import train_state as ts
-from videofeat.workers.synthetic import read_index, write_index_video
+from videofeat.workers.finetune.optim import CosineSchedule, OptimConfig, param_groups, scaled_lr
+from videofeat.workers.finetune import state as ts
+from videofeat.workers.decode.synthetic import read_index, write_index_video
 
 EVAL_AUG = AugmentConfig(input_size=64, short_side_size=64, rand_augment=None, reprob=0, mixup=0, cutmix=0,
                          smoothing=0)

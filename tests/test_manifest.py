@@ -84,7 +84,7 @@ def test_glob_list_layouts_crops_and_duplicate_ids(aicity_tree, tmp_path):
 def test_memory_filesystem_root(tmp_path):
     import fsspec
 
-    from videofeat.workers.synthetic import write_index_video
+    from videofeat.workers.decode.synthetic import write_index_video
 
     local = write_index_video(str(tmp_path / "clip.mp4"), 40)
     fs = fsspec.filesystem("memory")
@@ -100,11 +100,11 @@ def test_memory_filesystem_root(tmp_path):
 def test_probe_timeout_on_a_fifo(tmp_path):
     import os
 
-    from videofeat.launcher.probe_pool import probe_all
+    from videofeat.manifests.probe_pool import probe_all
 
     fifo = tmp_path / "hang.mp4"
     os.mkfifo(fifo)
-    from videofeat.workers.synthetic import write_index_video
+    from videofeat.workers.decode.synthetic import write_index_video
 
     good = write_index_video(str(tmp_path / "good.mp4"), 40)
     results = probe_all([str(fifo), good], procs=1, timeout_s=2.0)

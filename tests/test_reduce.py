@@ -16,8 +16,8 @@ import pytest
 
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.status import PERMANENT
-from videofeat.workers.run_info import expected_windows
-from videofeat.workers.reducer import IncompleteRun, ReduceConfig, reduce_run
+from videofeat.workers.reduce.run_record import expected_windows
+from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, reduce_run
 from videofeat.workers.shard_io import ShardWriter, read_shard_metadata, shard_schema
 
 SPAN, HOP, FPS = 32, 16, 30.0

@@ -23,7 +23,7 @@ import pytest
 from conftest import run_cli
 from helpers_extract import TINY_ARGS, make_dataset, run_extract, tiny_checkpoint
 from slurm_helpers import active, cancel_all, job_ids, require_cluster, wait_for
-from videofeat.launcher import slurm_info
+from videofeat.launcher.slurm import records as slurm_info
 from videofeat.manifests.ledger import DONE, FAILED, RunDir
 from videofeat.manifests.manifest import write_manifest
 
@@ -137,7 +137,7 @@ def test_array_fault_status_rerun_and_preemption(tmp_path):
 
 def test_rerun_refuses_while_tasks_run_and_cancels_a_stale_reducer(tmp_path):
     require_cluster()
-    from videofeat.launcher.slurm_extract import ArrayLaunch
+    from videofeat.launcher.slurm.arrays import ArrayLaunch
 
     rows = make_dataset(tmp_path, SPECS[:1], action=False)
     manifest = str(tmp_path / "manifest.parquet")

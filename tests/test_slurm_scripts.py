@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from helpers_extract import make_dataset
-from videofeat.launcher import slurm_cmd, slurm_extract as se, slurm_info, slurm_submit as ss
+from videofeat.launcher.slurm import command as slurm_cmd
+from videofeat.launcher.slurm import arrays as se
+from videofeat.launcher.slurm import records as slurm_info
+from videofeat.launcher.slurm import submit as ss
 from videofeat.launcher.extract import add_arguments as extract_arguments
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.manifest import write_manifest
@@ -194,7 +197,7 @@ def test_interrupted_shards_and_task_lookup_from_the_run_directory(tmp_path):
     assert slurm_info.interrupted_shards(run, PLAN, 1) == []
     with pytest.raises(IndexError, match="--task-index 2"):
         slurm_info.interrupted_shards(run, PLAN, 2)
-    cli = [sys.executable, "-m", "videofeat.launcher.slurm_info", "interrupted", run.url, "--plan", PLAN, "--task-index"]
+    cli = [sys.executable, "-m", "videofeat.launcher.slurm.records", "interrupted", run.url, "--plan", PLAN, "--task-index"]
     assert subprocess.run(cli + ["0"], capture_output=True).returncode == 0
     assert subprocess.run(cli + ["1"], capture_output=True).returncode == 1
     slurm_info.write_submission(run, {"plan_id": PLAN, "log_dir": "/logs", "arrays": [{"job_id": "7", "offset": 0,

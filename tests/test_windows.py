@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from videofeat.workers.presets import PRESETS, Sampling, resolve_preset, window_times
-from videofeat.workers.resize import FrameResize, interpolate_bilinear, short_side_crop
+from videofeat.workers.extract.presets import PRESETS, Sampling, resolve_preset, window_times
+from videofeat.workers.decode.resize import FrameResize, interpolate_bilinear, short_side_crop
 
 
 @pytest.mark.parametrize("name", ["aicity-vitl", "aicity-vith"])

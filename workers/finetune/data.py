@@ -24,8 +24,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from videofeat.manifests.views import canonical_view
 
-from .augment import ClipTransform, resize_short_side
-from .clip_sampling import SamplingConfig, clip_indices, sample_rng
+from videofeat.workers.finetune.augment import ClipTransform, resize_short_side
+from videofeat.workers.finetune.clip_sampling import SamplingConfig, clip_indices, sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def read_clip_list(path: str, num_classes: int) -> list[Segment]:
 
 def read_frames(segment: Segment, indices: np.ndarray, decoder: str = "pyav") -> np.ndarray:
     """Decode exactly the frames ``indices`` (sorted, may repeat) -> (T, H, W, 3) uint8."""
-    from .decoders import open_video
+    from videofeat.workers.decode.decoders import open_video
 
     wanted = sorted(set(int(i) for i in indices))
     found: dict[int, np.ndarray] = {}
@@ -147,7 +147,7 @@ def read_frames(segment: Segment, indices: np.ndarray, decoder: str = "pyav") ->
 def _end_frame(segment: Segment, decoder: str) -> int:
     if segment.end_frame is not None:
         return segment.end_frame
-    from .decoders import open_video
+    from videofeat.workers.decode.decoders import open_video
 
     with open_video(segment.uri, backend=decoder, crop=segment.crop) as source:
         if source.num_frames:

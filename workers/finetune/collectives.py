@@ -65,7 +65,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun (or srun) set up, through ``workers.distributed``; a
     single process needs none. The timeout covers rank 0 writing a ViT-H checkpoint while the
     others wait at the barrier."""
-    from .distributed import Distributed
+    from videofeat.workers.distributed import Distributed
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     group = Distributed(timeout_s=timeout_s).init(device_type)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .resize import METHODS, FrameResize
+from videofeat.workers.decode.resize import METHODS, FrameResize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -22,8 +22,10 @@ from typing import Mapping, Optional, Sequence
 from videofeat.manifests import fsutil
 from videofeat.manifests.ledger import RerunPolicy, RunDir
 
-from . import slurm_info, slurm_submit
-from .slurm_submit import ArrayChunk, SbatchOptions, quote
+from videofeat.launcher.slurm import records as slurm_info
+
+from videofeat.launcher.slurm import submit as slurm_submit
+from videofeat.launcher.slurm.submit import ArrayChunk, SbatchOptions, quote
 
 log = logging.getLogger("videofeat.slurm")
 

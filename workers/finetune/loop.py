@@ -21,12 +21,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, ClipTransform, apply_mixup, build_criterion, build_mixup
-from .clip_sampling import SamplingConfig
-from .optim import CosineSchedule, OptimConfig, apply_lr, build_optimizer, scaled_lr
-from .train_dist import DistEnv, init_distributed, teardown
-from .train_eval import evaluate
-from . import train_state as ts
+from videofeat.workers.finetune.augment import AugmentConfig, ClipTransform, apply_mixup, build_criterion, build_mixup
+from videofeat.workers.finetune.clip_sampling import SamplingConfig
+from videofeat.workers.finetune.optim import CosineSchedule, OptimConfig, apply_lr, build_optimizer, scaled_lr
+from videofeat.workers.finetune.collectives import DistEnv, init_distributed, teardown
+from videofeat.workers.finetune.evaluate import evaluate
+from videofeat.workers.finetune import state as ts
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Trainer:
 
         from videofeat.models import create_model
 
-        from .finetune_data import ClipDataset, ResumableDistributedSampler, eval_indices, ignore_stop_signals
+        from videofeat.workers.finetune.data import ClipDataset, ResumableDistributedSampler, eval_indices, ignore_stop_signals
 
         self.cfg, self.env = cfg, env
         self.device = env.device

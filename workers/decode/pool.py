@@ -36,8 +36,8 @@ import numpy as np
 
 from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNREADABLE, describe_exit
 
-from .decoders import VideoDecodeError, VideoOpenError, open_video
-from .resize import FrameResize
+from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
+from videofeat.workers.decode.resize import FrameResize
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from videofeat.manifests import fsutil
 from videofeat.manifests.ledger import DONE, INTERRUPTED, RunDir, ShardRecord
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
 from videofeat.manifests.views import canonical_view
-from videofeat.workers.run_info import RunInfo, expected_windows, rerun_command
+from videofeat.workers.reduce.run_record import RunInfo, expected_windows, rerun_command
 from videofeat.workers.shard_io import read_shard_metadata
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from videofeat.manifests.status import CRASHED, TIMEOUT, describe_exit
 
 
 def _worker(task_queue: "mp.Queue", result_queue: "mp.Queue", slot: int) -> None:
-    from videofeat.workers.probe import probe_video
+    from videofeat.manifests.probe import probe_video
 
     while True:
         uri = task_queue.get()

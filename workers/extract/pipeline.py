@@ -18,9 +18,9 @@ import numpy as np
 
 from videofeat.manifests.status import FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
 
-from .decode_pool import DecodeEvent, DecodeJob, DecodePool
-from .presets import Sampling, WindowAssembler, window_times
-from .shard_io import ShardWriter
+from videofeat.workers.decode.pool import DecodeEvent, DecodeJob, DecodePool
+from videofeat.workers.extract.presets import Sampling, WindowAssembler, window_times
+from videofeat.workers.shard_io import ShardWriter
 
 log = logging.getLogger(__name__)
 

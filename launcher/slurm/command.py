@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .slurm_submit import SbatchOptions
+    from videofeat.launcher.slurm.submit import SbatchOptions
 
 log = logging.getLogger("videofeat.slurm")
 
@@ -147,7 +147,7 @@ def _apply_worker_config(args: argparse.Namespace, add_args: Callable) -> None:
 
 
 def _options(args: argparse.Namespace):
-    from .slurm_submit import SbatchOptions
+    from videofeat.launcher.slurm.submit import SbatchOptions
 
     return SbatchOptions(partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                          gpus_per_task=getattr(args, "gpus_per_task", None), cpus_per_task=args.cpus_per_task,
@@ -163,7 +163,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from videofeat.manifests.ledger import RerunPolicy, RunDir
     from videofeat.manifests.views import parse_views
 
-    from . import slurm_extract as se
+    from videofeat.launcher.slurm import arrays as se
 
     _apply_worker_config(args, extract_cmd.add_arguments)
     args.manifest, args.output = _absolute_if_local(args.manifest), _absolute_if_local(args.output)
@@ -189,7 +189,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[str], total: int) -> int:
-    from . import slurm_extract as se
+    from videofeat.launcher.slurm import arrays as se
 
     if not tasks:
         print(f"{launch.run_dir}: all {total} shards are complete; nothing to submit "
@@ -221,7 +221,11 @@ def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[
 def run_rerun(args: argparse.Namespace) -> int:
     from videofeat.manifests.ledger import RunDir
 
-    from . import slurm_extract as se, slurm_info, slurm_submit
+    from videofeat.launcher.slurm import arrays as se
+
+    from videofeat.launcher.slurm import records as slurm_info
+
+    from videofeat.launcher.slurm import submit as slurm_submit
 
     run_dir = RunDir(args.run_dir)
     submissions = slurm_info.read_submissions(run_dir)
@@ -257,8 +261,9 @@ def run_rerun(args: argparse.Namespace) -> int:
 
 def _refuse_if_busy(run_dir, submissions=None) -> list[str]:
     """Stop a launch while array tasks of an earlier one are queued; returns stale pending reducers."""
-    from . import slurm_extract as se, slurm_info
-    from .slurm_submit import SlurmError
+    from videofeat.launcher.slurm import arrays as se
+    from videofeat.launcher.slurm import records as slurm_info
+    from videofeat.launcher.slurm.submit import SlurmError
 
     submissions = slurm_info.read_submissions(run_dir) if submissions is None else submissions
     busy, stale = se.active_jobs(submissions)
@@ -313,7 +318,7 @@ class FinetuneLaunch:
             object.__setattr__(self, "job_name", f"vf-ft-{os.path.basename(self.output.rstrip('/'))}")
 
     def render(self) -> str:
-        from .slurm_submit import directive_block, quote, render
+        from videofeat.launcher.slurm.submit import directive_block, quote, render
 
         options = self.options
         return render("finetune.sbatch", {
@@ -329,7 +334,7 @@ class FinetuneLaunch:
 def run_finetune(args: argparse.Namespace) -> int:
     from videofeat.launcher import finetune as finetune_cmd
 
-    from . import slurm_submit
+    from videofeat.launcher.slurm import submit as slurm_submit
 
     _apply_worker_config(args, finetune_cmd.add_arguments)
     if args.output:
@@ -354,7 +359,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .slurm_submit import SlurmError
+    from videofeat.launcher.slurm.submit import SlurmError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}

@@ -55,7 +55,7 @@ class ModelSet:
     """The model of every view in use (views sharing a checkpoint share a model), on this rank's device."""
 
     def __init__(self, config: Any, preset: Any, views: Sequence[str], local_rank: int = 0):
-        from .inference import resolve_device, resolve_dtype
+        from videofeat.workers.extract.inference import resolve_device, resolve_dtype
 
         self.config = config
         self.preset = preset
@@ -106,7 +106,7 @@ class ModelSet:
         return model
 
     def runner(self, view: str) -> Any:
-        from .inference import BatchRunner
+        from videofeat.workers.extract.inference import BatchRunner
 
         if view not in self._runners:
             model = self._models[self.paths[view]]

@@ -7,7 +7,7 @@ the worker's arguments and the sbatch options), beside the exact sbatch text it 
 
 Also the check the extraction array script runs after its worker exits::
 
-    python -m videofeat.launcher.slurm_info interrupted RUN_DIR --plan PLAN_ID --task-index I
+    python -m videofeat.launcher.slurm.records interrupted RUN_DIR --plan PLAN_ID --task-index I
 
 exits 0 when a shard of that task holds an ``interrupted`` failure record written by the worker
 on a signal (so requeueing the task is right), 1 otherwise. Imports neither torch nor timm.
@@ -138,7 +138,7 @@ def interrupted_shards(run_dir: RunDir, plan_id: str, task_index: int) -> list[i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m videofeat.launcher.slurm_info",
+    parser = argparse.ArgumentParser(prog="python -m videofeat.launcher.slurm.records",
                                      description="SLURM facts of a videofeat run directory")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("interrupted", help="exit 0 when a shard of this plan entry was interrupted by a signal")

@@ -7,7 +7,7 @@
 - ``npy``: ``<video_id>.npy`` holding ``[T, D]`` float32 (VideoMAE V2 / ActionFormer THUMOS).
 - with labels: an ActionFormer-style annotation JSON and a config snippet whose ``feat_stride``,
   ``num_frames``, ``default_fps`` and ``input_dim`` match the run's preset.
-- ``multiview``: see :mod:`videofeat.workers.export_multiview`.
+- ``multiview``: see :mod:`videofeat.workers.reduce.multiview`.
 
 Every export reads the dataset one video (one row group) at a time.
 """
@@ -134,7 +134,7 @@ def export_run(config: ExportConfig) -> dict:
     out_fs, out_root = fsutil.filesystem(config.output)
     out_fs.makedirs(out_root, exist_ok=True)
     if config.format == "multiview":
-        from videofeat.workers.export_multiview import write_multiview
+        from videofeat.workers.reduce.multiview import write_multiview
 
         return write_multiview(dataset, views, out_fs, out_root)
     report = write_features(dataset, views, config, out_fs, out_root)

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 from videofeat.manifests import fsutil
 from videofeat.manifests.ledger import RunDir, utc_now
-from videofeat.workers.reduce_check import MAX_MARKER_WAIT_S, CheckReport, ShardFiles, VideoCheck, check_run
-from videofeat.workers.run_info import load_run_info
+from videofeat.workers.reduce.check import MAX_MARKER_WAIT_S, CheckReport, ShardFiles, VideoCheck, check_run
+from videofeat.workers.reduce.run_record import load_run_info
 from videofeat.workers.shard_io import METADATA_KEY
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from videofeat.manifests import fsutil
 from videofeat.workers.shard_io import METADATA_KEY
 
 if TYPE_CHECKING:
-    from videofeat.workers.export import Dataset
+    from videofeat.workers.reduce.export import Dataset
 
 TABLE_NAME = "multiview.parquet"
 SUMMARY_NAME = "multiview_summary.json"

@@ -22,12 +22,12 @@ from typing import Any, Optional, Sequence
 
 from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
 
-from .decode_pool import DecodePool, PoolConfig, frame_spec
-from .distributed import Distributed
-from .presets import resolve_preset
-from .extract_setup import ModelSet, Progress, build_run_record, load_manifest_rows
-from .shard_io import ShardWriter, shard_schema
-from .shard_pipeline import Interrupted, ShardPipeline
+from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
+from videofeat.workers.distributed import Distributed
+from videofeat.workers.extract.presets import resolve_preset
+from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
+from videofeat.workers.shard_io import ShardWriter, shard_schema
+from videofeat.workers.extract.pipeline import Interrupted, ShardPipeline
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
@@ -64,7 +64,7 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .decoders import BACKENDS
+        from videofeat.workers.decode.decoders import BACKENDS
 
         if self.resize not in ("exact", "fast"):
             raise ValueError(f"--resize must be 'exact' or 'fast', got {self.resize!r}")

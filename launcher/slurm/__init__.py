@@ -1,0 +1,1 @@
+"""SLURM submission: the ``videofeat slurm`` command, sbatch rendering, extraction arrays, submission records."""

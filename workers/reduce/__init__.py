@@ -1,0 +1,1 @@
+"""Reduction: the run record, the completeness check, the merge into a dataset, and the exports."""

@@ -34,8 +34,10 @@ from videofeat.workers.extract.presets import PRESETS
 OVERRIDES = {"span": "span", "hop": "hop", "num_frames": "num_frames", "frame_step": "frame_step",
              "size": "size", "resize": "resize"}
 KEYS = ("name", "preset", "model", "checkpoint", *OVERRIDES)
-# Flags that describe one set; with --sets they belong in the file, not on the command line.
+# Fields a set may give; all but resize describe one set only, so with --sets they belong in the
+# file, not on the command line (--resize on the command line applies to every set).
 PER_SET_FIELDS = ("preset", "model", "checkpoints", *OVERRIDES.values())
+_FILE_ONLY = tuple(k for k in PER_SET_FIELDS if k != "resize")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -170,7 +172,7 @@ def build_feature_sets(path: str, root: str, common_kwargs: Mapping[str, Any]) -
 
     sets = parse_feature_sets(path, _load(path))
     defaults = {f.name: f.default for f in fields(ExtractConfig)}
-    given = [k for k in PER_SET_FIELDS if k in common_kwargs and common_kwargs[k] not in (defaults[k], None, ())]
+    given = [k for k in _FILE_ONLY if k in common_kwargs and common_kwargs[k] not in (defaults[k], None, ())]
     if given:
         flags = ", ".join("--" + ("checkpoint" if k == "checkpoints" else k.replace("_", "-")) for k in given)
         raise ValueError(f"{flags} describe one feature set: with --sets {path} give them in each [[set]] table")

@@ -167,13 +167,20 @@ def run_extract(args: argparse.Namespace) -> int:
 
     _apply_worker_config(args, extract_cmd.add_arguments)
     args.manifest, args.output = _absolute_if_local(args.manifest), _absolute_if_local(args.output)
+    sets = ()
+    if args.sets:
+        # Checked here, before anything is submitted: an unknown key or a missing checkpoint is
+        # refused with the file, the set and the key; the tasks read the file by its absolute path.
+        args.sets = _absolute_if_local(args.sets)
+        sets = extract_cmd.build_config(args).names
     launch = se.ArrayLaunch(
         run_dir=args.output, manifest=args.manifest, worker_args=tuple(worker_argv(extract_cmd.add_arguments, args)),
         options=_options(args), throttle=args.throttle, shards_per_task=args.shards_per_task or 1,
         ranks_per_task=args.ranks_per_task or 1,
         max_requeues=3 if args.max_requeues is None else args.max_requeues,
         grace_s=args.grace or se.DEFAULT_GRACE_S, log_dir=args.log_dir,
-        job_name=args.job_name or f"vf-{os.path.basename(args.output.rstrip('/'))}", reduce_time=args.reduce_time)
+        job_name=args.job_name or f"vf-{os.path.basename(args.output.rstrip('/'))}", reduce_time=args.reduce_time,
+        sets=sets)
     views = parse_views(args.views)
     frames = se.shard_frames(args.manifest, views)
     wanted = sorted(frames) if not args.shards else sorted(int(s) for s in args.shards.split(",") if s.strip())
@@ -183,7 +190,11 @@ def run_extract(args: argparse.Namespace) -> int:
     run_dir = RunDir(args.output)
     _refuse_if_busy(run_dir)
     policy = RerunPolicy(args.rerun_failed, args.overwrite, args.max_attempts)
-    tasks = se.pack_tasks(run_dir.plan_incomplete(wanted, policy), launch.shards_per_task)
+    tasks = se.pack_tasks(se.incomplete_shards(launch, run_dir, wanted, policy), launch.shards_per_task)
+    if sets and tasks and not args.dry_run:
+        from videofeat.manifests.set_root import write_set_root
+
+        write_set_root(run_dir, sets, args.sets, args.manifest)
     return _submit(launch, run_dir, tasks, frames, args, kind="slurm", previous=None,
                    total=len(wanted))
 
@@ -213,7 +224,10 @@ def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[
     print(f"plan {result.plan_id}: {shards} of {total} shards in {len(tasks)} array tasks "
           f"(throttle {launch.throttle or 'none'})")
     print("arrays: " + " ".join(result.array_job_ids))
-    print(f"reducer: {result.reducer_job_id} (afterok)")
+    if result.set_reducer_job_ids:
+        print(f"reducers: {' '.join(result.set_reducer_job_ids)} (afterok; one per set: {', '.join(launch.sets)})")
+    else:
+        print(f"reducer: {result.reducer_job_id} (afterok)")
     print(f"logs: {launch.log_dir}; follow with: videofeat status {launch.run_dir}")
     return 0
 

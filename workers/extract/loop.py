@@ -146,7 +146,7 @@ class Extractor:
         self.run = RunDir(config.output)
         self.preset = config.resolved_preset()
         self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
-        self.models = ModelSet(config, self.preset, sorted({r["view"] for rows in self.rows_by_shard.values()
+        self.models = ModelSet(config, self.preset, sorted({r.view for rows in self.rows_by_shard.values()
                                                             for r in rows}), dist.info.local_rank)
         self.signals = _Signals()
         self.record: dict = {}
@@ -234,12 +234,12 @@ class Extractor:
             run.remove_temporaries(shard_id)
             run.uncommit(shard_id)
             rows = self.rows_by_shard[shard_id]
-            view = rows[0]["view"]
+            view = rows[0].view
             runner = self.models.runner(view)
             temp = run.temp_shard_path(shard_id)
             schema = shard_schema(self.models.feature_dim, self.models.num_classes, self.config.feature_dtype)
             lineage = dict(self.models.lineage(view), shard_id=shard_id, fingerprint=self.record["fingerprint"],
-                           preset=self.preset.to_dict(), fps={r["video_id"]: _fps(r) for r in rows})
+                           preset=self.preset.to_dict(), fps={r.video_id: r.fps for r in rows})
             writer = ShardWriter(temp, run.fs, schema, lineage)
             pipeline = ShardPipeline(rows, self.preset.sampling, self.pool, runner, self.config.batch_size, writer,
                                      self.config.feature_dtype, lambda: self.signals.received is not None,
@@ -293,9 +293,3 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
-
-
-def _fps(row: dict) -> float:
-    if row.get("fps_num") and row.get("fps_den"):
-        return row["fps_num"] / row["fps_den"]
-    return float(row["fps"])

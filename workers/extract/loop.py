@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import traceback
 import uuid
@@ -24,6 +23,7 @@ from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, sh
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
 from videofeat.workers.distributed import Distributed
+from videofeat.workers.signals import StopSignals
 from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
 from videofeat.workers.shard_io import ShardWriter, shard_schema
@@ -90,26 +90,6 @@ class ExtractConfig:
         return RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
 
 
-class _Signals:
-    """SIGTERM / SIGUSR2 (SLURM preemption) set a flag the loop checks at every batch."""
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: stopping at the next batch", self.received)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class _ShardLog:
     """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
 
@@ -148,7 +128,7 @@ class Extractor:
         self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
         self.models = ModelSet(config, self.preset, sorted({r.view for rows in self.rows_by_shard.values()
                                                             for r in rows}), dist.info.local_rank)
-        self.signals = _Signals()
+        self.signals = StopSignals()
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
@@ -283,7 +263,7 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
     dist = Distributed(init_method=init_method)
     try:
         extractor = Extractor(config, dist)
-        dist.init(extractor.models.device.type)
+        dist.init(extractor.models.device)
         plan, todo = extractor.prepare(shard_ids, plan_id, task_index)
         if not todo:
             log.info("nothing to do: every selected shard is complete")

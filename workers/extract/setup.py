@@ -55,7 +55,8 @@ class ModelSet:
     """The model of every view in use (views sharing a checkpoint share a model), on this rank's device."""
 
     def __init__(self, config: Any, preset: Any, views: Sequence[str], local_rank: int = 0):
-        from videofeat.workers.extract.inference import resolve_device, resolve_dtype
+        from videofeat.workers.distributed import resolve_device
+        from videofeat.workers.extract.inference import resolve_dtype
 
         self.config = config
         self.preset = preset

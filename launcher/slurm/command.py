@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from videofeat.launcher.logs import init_logger
 
 if TYPE_CHECKING:
     from videofeat.launcher.slurm.submit import SbatchOptions
@@ -361,7 +362,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from videofeat.launcher.slurm.submit import SlurmError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}
     try:
         return handlers[args.slurm_command](args)

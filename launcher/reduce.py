@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 from typing import Optional, Sequence
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.reduce")
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from videofeat.manifests.ledger import RunDir
     from videofeat.manifests.set_root import set_dirs
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     root = RunDir(args.run_dir)
     members = set_dirs(root) if root.load_run() is None else []
     if members:

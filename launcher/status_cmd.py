@@ -12,7 +12,6 @@ from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.set_root import read_set_root, set_dirs
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
-from videofeat.workers.reduce.run_record import load_run_info, rerun_command
 
 LOG_TAIL_LINES = 5
 
@@ -126,13 +125,13 @@ def show(url: str, args: argparse.Namespace, hints: bool = True, slurm_dir: RunD
             print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
     pending = [r for r in records if r.state != DONE]
     if pending or transient:
-        info = load_run_info(run_dir)
+        info = run_dir.load_record()
     if pending:
-        print("rerun what is missing or failed with:\n  " + rerun_command(info))
+        print("rerun what is missing or failed with:\n  " + info.rerun_command())
         if hints and latest_submission(run_dir):
             print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(url)}")
     if transient:
-        print("recompute the shards whose videos failed transiently with:\n  " + rerun_command(info, rerun_failed=True))
+        print("recompute the shards whose videos failed transiently with:\n  " + info.rerun_command(rerun_failed=True))
     if not pending and not transient and hints:
         print("all shards are done; next: videofeat reduce " + shlex.quote(url))
     return 1 if pending else 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import traceback
 import uuid
@@ -28,6 +27,7 @@ from videofeat.manifests.set_root import write_set_root
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
 from videofeat.workers.distributed import Distributed
 from videofeat.workers.extract.feature_sets import FeatureSets
+from videofeat.workers.signals import StopSignals
 from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
 from videofeat.workers.shard_io import ShardWriter, shard_schema
@@ -94,26 +94,6 @@ class ExtractConfig:
         return RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
 
 
-class _Signals:
-    """SIGTERM / SIGUSR2 (SLURM preemption) set a flag the loop checks at every batch."""
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: stopping at the next batch", self.received)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class _ShardLog:
     """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
 
@@ -131,7 +111,9 @@ class _ShardLog:
             self._buffer = io.StringIO()
             self.handler = logging.StreamHandler(self._buffer)
             run.fs.pipe_file(self.path, b"")  # the attempt is visible at once
-        self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+        # The console's format (launcher/logs.py), so a shard log reads like the rank's output.
+        console = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
+        self.handler.setFormatter(console or logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self.handler)
 
     def close(self) -> None:
@@ -174,7 +156,7 @@ class Extractor:
         self.sets = sets
         self.root = RunDir(sets.root) if sets else None
         self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
-        views = sorted({r["view"] for rows in self.rows_by_shard.values() for r in rows})
+        views = sorted({r.view for rows in self.rows_by_shard.values() for r in rows})
         resizes: list = []
         self.members: list[_Member] = []
         for name, member_config in (sets.configs if sets else ((None, config),)):
@@ -193,7 +175,7 @@ class Extractor:
         self.resizes = tuple(resizes)
         # The plain run's names, kept for callers that know one run.
         self.run, self.preset, self.models = self.members[0].run, self.members[0].preset, self.members[0].models
-        self.signals = _Signals()
+        self.signals = StopSignals()
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
@@ -329,7 +311,7 @@ class Extractor:
                  identity["host"], os.getpid(), info.rank,
                  "" if self.sets is None else f" sets={[m.name for m in members]}")
         rows = self.rows_by_shard[shard_id]
-        view = rows[0]["view"]
+        view = rows[0].view
         active: list[tuple[_Member, int, str, Any, Any]] = []  # member, attempt, temp path, writer, runner
         failed = False
 
@@ -350,7 +332,7 @@ class Extractor:
                                           member.config.feature_dtype)
                     lineage = dict(member.models.lineage(view), shard_id=shard_id,
                                    fingerprint=member.record["fingerprint"], preset=member.preset.to_dict(),
-                                   fps={r["video_id"]: _fps(r) for r in rows})
+                                   fps={r.video_id: r.fps for r in rows})
                     active.append((member, attempt, temp, ShardWriter(temp, run.fs, schema, lineage), runner))
                 except Exception as exc:  # this set cannot take the shard; the others still can
                     fail(member, attempt, exc)
@@ -378,8 +360,7 @@ class Extractor:
             self._clean(active, shard_logs)
             return "error"
         seconds = round(time.monotonic() - t0, 3)
-        video_frames = sum(int(r["piece_end_frame"] if r["piece_end_frame"] is not None else r["num_frames"])
-                           - int(r["piece_start_frame"] or 0) for r in rows)
+        video_frames = sum(r.piece_end_frame - r.piece_start_frame for r in rows)
         for i, (member, attempt, temp, _, runner) in enumerate(active):
             stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": member.record["fingerprint"],
                      **identity, "started": started, "finished": utc_now(), "seconds": seconds,
@@ -426,7 +407,7 @@ def run_extraction(config: ExtractConfig | FeatureSets, shard_ids: Optional[Sequ
     dist = Distributed(init_method=init_method)
     try:
         extractor = Extractor(common, dist, sets)
-        dist.init(extractor.models.device.type)
+        dist.init(extractor.models.device)
         plan, todo = extractor.prepare(shard_ids, plan_id, task_index)
         if not todo:
             log.info("nothing to do: every selected shard is complete")
@@ -436,9 +417,3 @@ def run_extraction(config: ExtractConfig | FeatureSets, shard_ids: Optional[Sequ
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
-
-
-def _fps(row: dict) -> float:
-    if row.get("fps_num") and row.get("fps_den"):
-        return row["fps_num"] / row["fps_den"]
-    return float(row["fps"])

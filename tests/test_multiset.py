@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from helpers_extract import make_dataset, manifest_row, tiny_checkpoint
+from helpers_extract import TINY_SAMPLING, make_dataset, manifest_row, sets_toml, tiny_checkpoint
 from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.decode.synthetic import write_action_video
@@ -32,18 +32,10 @@ from videofeat.workers.extract.loop import ExtractConfig, run_extraction
 
 SETS = ("a", "b", "c")
 SHARDS = (0, 1, 2, 3)
-SAMPLING = dict(span=16, hop=8, num_frames=8, frame_step=2, size=64)
+SAMPLING = TINY_SAMPLING
 COMMON = dict(decode_procs=1, device="cpu", batch_size=8, progress=False)
 CLI_COMMON = ("--decode-procs", "1", "--device", "cpu", "--batch-size", "8", "--no-progress")
 TRUNCATED = "Rear_view_user_id_4_NoAudio_1"
-
-
-def _sets_toml(ckpts: list[str]) -> str:
-    sampling = "".join(f"{k} = {v}\n" for k, v in SAMPLING.items())
-    return (f'[[set]]\nname = "a"\npreset = "aicity-vith"\ncheckpoint = "{ckpts[0]}"\n{sampling}'
-            f'[[set]]\nname = "b"\npreset = "aicity-vitl"\n'
-            f'checkpoint = {{ rear = "{ckpts[1]}", dashboard = "{ckpts[1]}" }}\n{sampling}'
-            f'[[set]]\nname = "c"\npreset = "aicity-vitl"\nmodel = "auto"\ncheckpoint = "{ckpts[2]}"\n{sampling}')
 
 
 def single_config(world: dict, name: str, output: str, **overrides) -> ExtractConfig:
@@ -95,7 +87,7 @@ def world(tmp_path_factory):
     write_manifest(rows, manifest)
     ckpts = [tiny_checkpoint(root / f"tiny{i}.pt", seed=i) for i in range(3)]
     sets = root / "sets.toml"
-    sets.write_text(_sets_toml(ckpts))
+    sets.write_text(sets_toml(ckpts))
     world = {"root": root, "manifest": manifest, "ckpts": ckpts, "sets": str(sets), "frames": {}}
     out = str(root / "out")
     t0 = time.monotonic()
@@ -167,7 +159,7 @@ def test_status_and_reduce_take_the_root(world, tmp_path):
         assert f"== set {name} ==" in status
     assert re.search(r"out/b: 4 shards: 3 done, 1 interrupted", status) and "00002 interrupted" in status, status
     assert f"--sets {world['sets']}" in status
-    failed = run_cli("reduce", out, check=False)
+    failed = run_cli("reduce", out, "--marker-wait", "0", check=False)  # no marker will come: do not wait
     assert failed.returncode == 1 and "00002" in failed.stderr
     # Only b is incomplete: a and c were reduced, b was refused.
     assert Path(out, "a", "dataset", "rear.parquet").exists() and not Path(out, "b", "dataset").exists()
@@ -283,17 +275,17 @@ def test_bad_sets_files_are_refused_before_any_work(world, tmp_path):
     result = run_cli("extract", world["manifest"], "-o", str(tmp_path / "o1"), "--sets", str(bad), check=False)
     assert result.returncode == 2 and f"{bad}: set 'x': unknown key(s) stride" in result.stderr
     assert not (tmp_path / "o1").exists()
-    mixed = run_cli("extract", world["manifest"], "-o", str(tmp_path / "o2"), "--sets", world["sets"],
-                    "--checkpoint", ckpt, check=False)
-    assert mixed.returncode == 2 and "--checkpoint describe one feature set" in mixed.stderr
+    with pytest.raises(ValueError, match="--checkpoint describe one feature set"):
+        multi_config(world, str(tmp_path / "o2"), checkpoints=(("*", ckpt),))
     # A checkpoint that does not load: refused, naming the set, before any shard starts.
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     text = Path(world["sets"]).read_text().replace(world["ckpts"][2], str(broken))
     (tmp_path / "broken.toml").write_text(text)
-    result = run_cli("extract", world["manifest"], "-o", str(tmp_path / "o3"), "--sets", str(tmp_path / "broken.toml"),
-                     *CLI_COMMON, check=False)
-    assert result.returncode == 2 and "broken.toml: set 'c':" in result.stderr, result.stderr[-2000:]
+    sets = build_feature_sets(str(tmp_path / "broken.toml"), str(tmp_path / "o3"),
+                              dict(manifest=world["manifest"], output=str(tmp_path / "o3"), **COMMON))
+    with pytest.raises(ValueError, match=r"broken.toml: set 'c': "):
+        run_extraction(sets)
     assert not list((tmp_path / "o3").glob("*/shards/*"))
 
 

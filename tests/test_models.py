@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from ckpt_fixtures import clip, hf_classifier, tiny_model
@@ -19,6 +23,18 @@ def test_registered_names() -> None:
         create_model("vit_nope")
     with pytest.raises(TypeError, match="unknown option"):
         create_model("videomae_test", depthh=3)
+
+
+def test_models_import_nothing_of_the_pipeline() -> None:
+    # A fresh interpreter: models are the bottom of the import graph, so loading them (every
+    # entry point registered) pulls in no stage of the pipeline.
+    code = ("import json, sys, videofeat.models as m\n"
+            "assert 'videomae_test' in m.list_models()\n"
+            "print(json.dumps([k for k in sys.modules if k.startswith('videofeat.')]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(result.stdout))
+    assert loaded == {f"videofeat.models{m}" for m in ("", ".checkpoint", ".factory", ".layers", ".registry",
+                                                       ".videomae")}, loaded
 
 
 # VideoMAE paper (Tong et al. 2022), Table on model cost at 16x224: GMACs and parameters (M).

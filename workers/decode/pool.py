@@ -38,6 +38,7 @@ from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UN
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.resize import FrameResize
+from videofeat.workers.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
     _die_with_parent()
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(stop_signal, signal.SIG_IGN)
+    ignore_stop_signals()
     shm = shared_memory.SharedMemory(name=shm_name)
     slots = np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=shm.buf)
     slot = 0

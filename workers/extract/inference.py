@@ -41,18 +41,6 @@ class InferenceConfig:
                 raise ValueError(f"--device {self.device!r} is not a torch device: {exc}") from None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local rank's GPU when there is one, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return dev
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """The compute dtype name: bf16 on CUDA and fp32 elsewhere unless asked otherwise."""
     if dtype != "auto":

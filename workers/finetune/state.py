@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import signal
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PREEMPTED = "PREEMPTED"
 COMPLETED = "COMPLETED"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -177,35 +175,6 @@ def load_latest(directory: str) -> Optional[tuple[CheckpointInfo, dict]]:
 
 
 # --------------------------------------------------------------------------- preemption
-
-
-class StopSignal:
-    """Turns SIGTERM / SIGUSR2 into a flag that all ranks agree on at the same step.
-
-    SIGTERM is what SLURM sends on preemption and scancel (and what torchrun forwards);
-    SIGUSR2 is the conventional "time limit near" signal (``--signal=USR2@120``; USR1 may be
-    taken by NCCL). The handler only records the signal: checkpointing happens in the loop.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
-        self.received: Optional[int] = None
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            log.warning("received %s: stopping at the next optimizer step", signal.Signals(signum).name)
-        self.received = signum
-
-    def agreed(self, all_reduce_max) -> bool:
-        """True on every rank if any rank has received a stop signal (one collective per call)."""
-        return bool(all_reduce_max(1 if self.received is not None else 0))
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 def write_marker(directory: str, name: str, payload: dict) -> None:

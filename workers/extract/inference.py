@@ -11,7 +11,6 @@ either. On CUDA out-of-memory the batch is halved and retried, and the size used
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -21,24 +20,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as exc:
-                raise ValueError(f"--device {self.device!r} is not a torch device: {exc}") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

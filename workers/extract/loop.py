@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
 
@@ -107,7 +107,9 @@ class _ShardLog:
             self._buffer = io.StringIO()
             self.handler = logging.StreamHandler(self._buffer)
             run.fs.pipe_file(self.path, b"")  # the attempt is visible at once
-        self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+        # The console's format (launcher/logs.py), so a shard log reads like the rank's output.
+        console = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
+        self.handler.setFormatter(console or logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self.handler)
 
     def close(self) -> None:

@@ -32,19 +32,19 @@ from typing import Any, Optional
 
 import numpy as np
 
+from videofeat.manifests import fsutil
+
 log = logging.getLogger(__name__)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically, through the one atomic writer (``fsutil``): readers see the old file or the new one."""
+    fs, inner = fsutil.filesystem(path)
+    fsutil.write_bytes_atomic(fs, inner, text.encode())
+
 
 PREEMPTED = "PREEMPTED"
 COMPLETED = "COMPLETED"
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -132,7 +132,7 @@ def save_training_checkpoint(path: str, model, *, step: int, epoch: int, epoch_s
     # save_checkpoint writes a temporary file and renames it into place.
     save_checkpoint(path, model, step=step, epoch=epoch, epoch_step=epoch_step, **extra)
     info = CheckpointInfo(path=path, step=step, epoch=epoch, epoch_step=epoch_step)
-    _write_text_atomic(record, json.dumps({"file": os.path.basename(path), "step": step, "epoch": epoch,
+    _write_text(record, json.dumps({"file": os.path.basename(path), "step": step, "epoch": epoch,
                                            "epoch_step": epoch_step}))
     return info
 
@@ -178,7 +178,7 @@ def load_latest(directory: str) -> Optional[tuple[CheckpointInfo, dict]]:
 
 
 def write_marker(directory: str, name: str, payload: dict) -> None:
-    _write_text_atomic(os.path.join(directory, name), json.dumps(payload) + "\n")
+    _write_text(os.path.join(directory, name), json.dumps(payload) + "\n")
 
 
 def remove_marker(directory: str, name: str) -> None:

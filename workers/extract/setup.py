@@ -2,7 +2,8 @@
 
 Kept apart from the per-rank loop so the loop reads as a loop. One run is one backbone: every
 view's checkpoint must give the same architecture, feature size and classes (the seed's six
-feature sets are three runs of two views each).
+feature sets are three runs of two views each, or one ``--sets`` launch of three sets that
+decodes every frame once).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class ModelSet:
             if arch != {k: v for k, v in self.arch.items() if k != "num_classes"} or \
                     model.num_classes != self.num_classes:
                 raise ValueError(f"--checkpoint {path} has another architecture than {self.paths[views[0]]}: one "
-                                 "run extracts one backbone; run each backbone into its own run directory")
+                                 "run extracts one backbone; run each backbone into its own run directory, or list them as "
+                                 "feature sets in a --sets file")
 
     def _model(self, path: Optional[str]) -> Any:
         if path in self._models:

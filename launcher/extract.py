@@ -29,8 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--num-frames", type=int, help="frames fed to the model per window")
     sampling.add_argument("--frame-step", type=int, help="stride between those frames")
     sampling.add_argument("--size", type=int, help="model input height and width")
-    sampling.add_argument("--resize", choices=("exact", "fast"), default="exact",
-                          help="exact: the preset's seed-exact resize; fast: the decoder's scaler (~4-6/255 off)")
+    sampling.add_argument("--resize", choices=("exact", "bounded", "fast"), default="bounded",
+                          help="bounded (default): a vectorised kernel within the preset's bound of the seed "
+                               "(<= 1/255 of PIL for aicity-vitl); exact: the seed's own arithmetic (PIL); "
+                               "fast: the decoder's scaler (up to ~150/255 off on sharp edges)")
+    sampling.add_argument("--resize-on", choices=("auto", "decode", "device"), default="auto",
+                          help="where frames are resized: in the decode processes, or on the model's device "
+                               "(decode processes then only decode); auto: device on CUDA")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--decoder", choices=("pyav", "decord"), default="pyav")
     decoding.add_argument("--decode-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
@@ -78,7 +83,8 @@ def build_config(args: argparse.Namespace):
         manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
         checkpoints=parse_checkpoints(args.checkpoint), views=parse_views(args.views), span=args.span, hop=args.hop,
         num_frames=args.num_frames, frame_step=args.frame_step, size=args.size, resize=args.resize,
-        decoder=args.decoder, decode_procs=args.decode_procs, decode_threads=args.decode_threads,
+        resize_on=args.resize_on, decoder=args.decoder, decode_procs=args.decode_procs,
+        decode_threads=args.decode_threads,
         decode_stall_s=args.decode_stall_s, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         feature_dtype=args.feature_dtype, max_attempts=args.max_attempts, rerun_failed=args.rerun_failed,
         overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)

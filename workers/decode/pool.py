@@ -14,9 +14,14 @@ small messages (< 4 KB, so a pipe write is atomic) go through a pipe: a process 
 moment can never leave half a message behind. A semaphore counts free ring slots; it is the
 backpressure (a process waits when the parent is busy with the model), and "had room" above
 means that semaphore was not zero. Frames are resized in the decode process, right after
-decoding (see ``resize.py``), so full-size frames never cross the process boundary.
+decoding (see ``resize.py``), so full-size frames cross the process boundary only when
+``--resize-on device`` asks for them (:class:`~videofeat.workers.decode.resize.FullFrame`).
 
-The child side imports only the decoders, the resize functions and numpy.
+A slot holds the largest frame the transform can give (``frame_spec``); each ``frame`` message
+names the frame's shape, so a slot sized for the largest crop box also carries smaller ones.
+
+The child side imports only the decoders, the resize functions and numpy (and torch, when the
+resize kernel is torch's: see ``resize.py``).
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNREADABLE, describe_exit
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
-from videofeat.workers.decode.resize import FrameResize
+from videofeat.workers.decode.resize import FrameResize, FullFrame
+
+Transform = Union[FrameResize, FullFrame]
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +105,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def _slot_view(slots: np.ndarray, slot: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Frame ``shape`` in ring slot ``slot`` (a flat byte row), without a copy."""
+    return slots[slot, :int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tuple, dtype: str,
-                 free: Any, resize: FrameResize, backend: str, threads: int) -> None:
+                 free: Any, resize: Transform, backend: str, threads: int) -> None:
     _die_with_parent()
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(stop_signal, signal.SIG_IGN)
+    resize.prepare()  # before the first job: an import here is not a stalled frame
     shm = shared_memory.SharedMemory(name=shm_name)
-    slots = np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=shm.buf)
+    dtype = np.dtype(dtype)
+    slots = np.ndarray((ring, shm.size // ring), dtype=np.uint8, buffer=shm.buf)
     slot = 0
     while True:
         job = tasks.recv()
@@ -126,11 +140,13 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
                 for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):
-                    if rgb.shape != shape:
-                        raise ValueError(f"frame of shape {rgb.shape}, expected {shape}")
+                    if rgb.dtype != dtype or rgb.ndim != 3 or any(a > b for a, b in zip(rgb.shape, shape)):
+                        raise ValueError(f"{job.uri}: frame of shape {rgb.shape} {rgb.dtype}, expected at most "
+                                         f"{shape} {dtype}; the manifest's width, height or crop columns are "
+                                         "wrong for it: probe it again with `videofeat manifest`")
                     free.acquire()
-                    slots[slot] = rgb
-                    messages.send(("frame", job.key, index, slot, pts))
+                    _slot_view(slots, slot, rgb.shape, dtype)[...] = rgb
+                    messages.send(("frame", job.key, index, slot, pts, rgb.shape))
                     slot = (slot + 1) % ring
                     count += 1
             messages.send(("done", job.key, count))
@@ -146,10 +162,12 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
 class _Worker:
     """One decode process, its pipes, its frame ring and its free-slot semaphore."""
 
-    def __init__(self, ctx: Any, config: PoolConfig, resize: FrameResize, shape: tuple, dtype: np.dtype):
+    def __init__(self, ctx: Any, config: PoolConfig, resize: Transform, shape: tuple, dtype: np.dtype):
         self.ring = config.ring
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, config.ring * int(np.prod(shape)) * dtype.itemsize))
-        self.slots = np.ndarray((config.ring, *shape), dtype=dtype, buffer=self.shm.buf)
+        self.dtype = dtype
+        slot_bytes = max(1, int(np.prod(shape)) * dtype.itemsize)
+        self.shm = shared_memory.SharedMemory(create=True, size=config.ring * slot_bytes)
+        self.slots = np.ndarray((config.ring, slot_bytes), dtype=np.uint8, buffer=self.shm.buf)
         self.free = ctx.Semaphore(config.ring)
         task_read, self.tasks = ctx.Pipe(duplex=False)
         self.messages, message_write = ctx.Pipe(duplex=False)
@@ -200,7 +218,7 @@ class DecodePool:
 
     POLL_S = 0.5
 
-    def __init__(self, config: PoolConfig, resize: FrameResize, frame_shape: tuple, frame_dtype: Any):
+    def __init__(self, config: PoolConfig, resize: Transform, frame_shape: tuple, frame_dtype: Any):
         self.config = config
         self.resize = resize
         self.shape = tuple(frame_shape)
@@ -270,10 +288,11 @@ class DecodePool:
             if kind == "opened":
                 yield DecodeEvent("opened", key, info=message[2])
             elif kind == "frame":
-                _, _, index, slot, pts = message
+                _, _, index, slot, pts, shape = message
                 worker.next_frame, worker.frames = index + 1, worker.frames + 1
                 try:
-                    yield DecodeEvent("frame", key, index=index, frame=worker.slots[slot], pts=pts)
+                    frame = _slot_view(worker.slots, slot, shape, worker.dtype)
+                    yield DecodeEvent("frame", key, index=index, frame=frame, pts=pts)
                 finally:
                     worker.free.release()
             elif kind == "done":
@@ -317,10 +336,9 @@ class DecodePool:
         self._workers = []
 
 
-def frame_spec(resize: FrameResize) -> tuple[tuple[int, int, int], np.dtype]:
-    """Shape and dtype of the frames a decode process delivers for ``resize``."""
-    dtype = np.float32 if (resize.method == "interpolate_bilinear" and not resize.fast) else np.uint8
-    return (resize.size, resize.size, 3), np.dtype(dtype)
+def frame_spec(resize: Transform) -> tuple[tuple[int, int, int], np.dtype]:
+    """Shape (the largest, for :class:`FullFrame`) and dtype of the frames ``resize`` delivers."""
+    return tuple(resize.out_shape), np.dtype(resize.out_dtype)
 
 
 def cpu_count() -> int:

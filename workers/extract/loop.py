@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
+from videofeat.workers.decode.resize import FullFrame
 from videofeat.workers.distributed import Distributed
 from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
@@ -31,6 +32,10 @@ from videofeat.workers.extract.pipeline import Interrupted, ShardPipeline
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
+RESIZE_ON = ("auto", "decode", "device")
+# Ring slots per decode process for full-size frames (--resize-on device): the parent resizes
+# each frame as it arrives, so a few slots keep the decoder busy; 16 at 1080p is 100 MB.
+FULL_FRAME_RING = 16
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class ExtractConfig:
     num_frames: Optional[int] = None
     frame_step: Optional[int] = None
     size: Optional[int] = None
-    resize: str = "exact"
+    resize: str = "bounded"
+    resize_on: str = "auto"
     decoder: str = "pyav"
     decode_procs: int = 2
     decode_threads: int = 1
@@ -66,8 +72,12 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         from videofeat.workers.decode.decoders import BACKENDS
 
-        if self.resize not in ("exact", "fast"):
-            raise ValueError(f"--resize must be 'exact' or 'fast', got {self.resize!r}")
+        from videofeat.workers.decode.resize import KERNELS
+
+        if self.resize not in KERNELS:
+            raise ValueError(f"--resize must be one of {', '.join(KERNELS)}, got {self.resize!r}")
+        if self.resize_on not in RESIZE_ON:
+            raise ValueError(f"--resize-on must be one of {', '.join(RESIZE_ON)}, got {self.resize_on!r}")
         if self.decoder not in BACKENDS:
             raise ValueError(f"--decoder must be one of {', '.join(BACKENDS)}, got {self.decoder!r}")
         if self.feature_dtype not in ("float32", "float16"):
@@ -79,11 +89,25 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
         PoolConfig(self.decode_procs, self.decode_stall_s, self.decoder, self.decode_threads)
-        self.resolved_preset()
+        resize = self.resolved_preset().frame_resize
+        if self.resize_on == "device":
+            if resize.fast:
+                raise ValueError("--resize fast scales inside the decoder: it cannot run with --resize-on device")
+            if resize.kernel == "exact" and resize.method != "interpolate_bilinear":
+                raise ValueError("--resize exact is PIL's own arithmetic, which runs in the decode process: use "
+                                 "--resize-on decode, or --resize bounded (within 1/255 of PIL) on the device")
 
     def resolved_preset(self):
         return resolve_preset(self.preset, span=self.span, hop=self.hop, num_frames=self.num_frames,
-                              step=self.frame_step, size=self.size, fast_resize=self.resize == "fast")
+                              step=self.frame_step, size=self.size, kernel=self.resize)
+
+    def resize_on_device(self, device_type: str) -> bool:
+        """Where the resize runs: ``auto`` is the device on CUDA, when the kernel can run there."""
+        if self.resize_on != "auto":
+            return self.resize_on == "device"
+        resize = self.resolved_preset().frame_resize
+        exact_pil = resize.kernel == "exact" and resize.method != "interpolate_bilinear"
+        return device_type == "cuda" and not resize.fast and not exact_pil
 
     @property
     def policy(self) -> RerunPolicy:
@@ -192,9 +216,19 @@ class Extractor:
         self.signals.install()
         counter = self.dist.counter(f"videofeat/claim/{plan_id}") if claim else None
         resize = self.preset.frame_resize
+        ring = max(48, self.preset.sampling.span + 16)
+        self.frame_transform = None
+        if self.config.resize_on_device(self.models.device.type):
+            from videofeat.workers.decode.device_resize import DeviceResize
+
+            self.frame_transform = DeviceResize(resize, self.models.device)
+            resize, ring = FullFrame(*_largest_frame(self.rows_by_shard, todo)), FULL_FRAME_RING
+            log.info("resizing on %s: decode processes ship frames of up to %dx%d, %d ring slots of %.1f MB each",
+                     self.models.device, resize.max_width, resize.max_height, ring,
+                     resize.max_width * resize.max_height * 3 / 2**20)
         shape, dtype = frame_spec(resize)
         pool_cfg = PoolConfig(self.config.decode_procs, self.config.decode_stall_s, self.config.decoder,
-                              self.config.decode_threads, ring=max(48, self.preset.sampling.span + 16))
+                              self.config.decode_threads, ring=ring)
         total = sum(self.models.expected_windows(self.rows_by_shard[s]) for s in todo)
         self.progress = Progress(total, self.dist, plan_id, enabled=self.config.progress)
         failures = 0
@@ -243,12 +277,13 @@ class Extractor:
             writer = ShardWriter(temp, run.fs, schema, lineage)
             pipeline = ShardPipeline(rows, self.preset.sampling, self.pool, runner, self.config.batch_size, writer,
                                      self.config.feature_dtype, lambda: self.signals.received is not None,
-                                     self.progress.update)
+                                     self.progress.update, self.frame_transform)
             videos = pipeline.run()
             writer.close()
             stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": self.record["fingerprint"],
                      **identity, "started": started, "finished": utc_now(),
                      "seconds": round(time.monotonic() - t0, 3), "windows": pipeline.windows_written,
+                     "first_frame_s": None if pipeline.first_frame_s is None else round(pipeline.first_frame_s, 3),
                      "frames_decoded": sum(v["frames_decoded"] for v in videos), "videos": videos,
                      "batch_size": runner.max_batch or self.config.batch_size}
             run.commit_shard(shard_id, temp, stats)
@@ -293,6 +328,20 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
+
+
+def _largest_frame(rows_by_shard: dict[int, list[dict]], shard_ids: Sequence[int]) -> tuple[int, int]:
+    """(height, width) of the largest frame, after its crop box, among the videos of ``shard_ids``."""
+    height = width = 0
+    for shard_id in shard_ids:
+        for row in rows_by_shard[shard_id]:
+            crop = [row.get(k) for k in ("crop_w", "crop_h")]
+            w, h = crop if None not in crop else (row.get("width"), row.get("height"))
+            if not w or not h:
+                raise ValueError(f"manifest row {row['video_id']} has no frame size (width, height): "
+                                 "rebuild the manifest with `videofeat manifest`, or use --resize-on decode")
+            height, width = max(height, int(h)), max(width, int(w))
+    return height, width
 
 
 def _fps(row: dict) -> float:

@@ -71,7 +71,8 @@ class ShardPipeline:
     def __init__(self, rows: list[dict], sampling: Sampling, pool: DecodePool,
                  infer: Callable[[np.ndarray], tuple[np.ndarray, Optional[np.ndarray]]], batch_size: int,
                  writer: ShardWriter, feature_dtype: str, should_stop: Callable[[], bool],
-                 on_windows: Callable[[int], None] = lambda n: None):
+                 on_windows: Callable[[int], None] = lambda n: None,
+                 frame_transform: Optional[Callable[[np.ndarray], np.ndarray]] = None):
         self.sampling = sampling
         self.pool = pool
         self.infer = infer
@@ -80,10 +81,14 @@ class ShardPipeline:
         self.feature_dtype = np.float16 if feature_dtype == "float16" else np.float32
         self.should_stop = should_stop
         self.on_windows = on_windows
+        # --resize-on device: frames arrive full-size and are resized here, on the model's device.
+        self.frame_transform = frame_transform
         self.videos = [_plan_video(r, sampling) for r in rows]
         self._batch: list[tuple[int, int, np.ndarray]] = []
         self._next_write = 0
         self.windows_written = 0
+        self.started = time.monotonic()
+        self.first_frame_s: Optional[float] = None  # start-up latency: spawning and warming the decoders
         self.fps_by_video: dict[str, float] = {}
 
     def run(self) -> list[dict]:
@@ -101,9 +106,12 @@ class ShardPipeline:
         if event.kind == "opened":
             return
         if event.kind == "frame":
+            if self.first_frame_s is None:
+                self.first_frame_s = time.monotonic() - self.started
             if video.assembler is None:
                 video.assembler = WindowAssembler(self.sampling, video.first_window, video.stop_window)
-            for window, clip in video.assembler.add(event.index, event.frame, event.pts):
+            frame = event.frame if self.frame_transform is None else self.frame_transform(event.frame)
+            for window, clip in video.assembler.add(event.index, frame, event.pts):
                 self._batch.append((event.key, window, clip))
                 video.outstanding += 1
                 if len(self._batch) >= self.batch_size:

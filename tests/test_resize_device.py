@@ -69,7 +69,9 @@ def test_full_frames_resized_on_the_device_equal_the_decode_process_frames(video
 def test_a_frame_larger_than_the_ring_slot_fails_only_its_video(videos):
     _, failed = _frames(FullFrame(48, 64), [DecodeJob(0, videos[0]), DecodeJob(1, videos[1], crop=(0, 0, 64, 48))])
     assert list(failed) == [0]
-    assert failed[0].status == "decode_error" and "(64, 64, 3)" in failed[0].error and "at most (48, 64, 3)" in failed[0].error
+    error = failed[0].error
+    assert failed[0].status == "decode_error" and "(64, 64, 3)" in error and "at most (48, 64, 3)" in error
+    assert videos[0] in error and "videofeat manifest" in error
 
 
 def test_extraction_with_resize_on_device_matches_resize_in_the_decoders(tmp_path, videos):

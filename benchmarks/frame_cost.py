@@ -85,9 +85,11 @@ def _children() -> dict[int, list[int]]:
     return out
 
 
-def _role(pid: int, root: int) -> str:
+def _role(pid: int, root: int, parent_role: str) -> str:
     if pid == root:
         return "parent"
+    if parent_role == "forkserver":
+        return "decode"  # forked from the server: same command line, another role
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
             cmd = handle.read().replace(b"\0", b" ").decode(errors="replace")
@@ -95,7 +97,9 @@ def _role(pid: int, root: int) -> str:
         return "other"
     if "resource_tracker" in cmd:
         return "resource_tracker"
-    return "decode" if "spawn_main" in cmd or "forkserver" in cmd else "other"
+    if "forkserver" in cmd:
+        return "forkserver"
+    return "decode" if "spawn_main" in cmd else "other"
 
 
 def _smaps(pid: int) -> dict[str, int]:
@@ -112,16 +116,32 @@ def _smaps(pid: int) -> dict[str, int]:
     return out
 
 
-def tree_memory(root: int) -> dict[str, dict[str, int]]:
-    """Per role (parent, decode, ...): summed Rss, Pss, Anonymous and Pss_Shmem in MB."""
-    children, stack, out = _children(), [root], {}
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of ``pid`` so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def tree_memory(root: int, cpu: dict | None = None) -> dict[str, dict[str, int]]:
+    """Per role (parent, decode, forkserver, ...): summed Rss, Pss, Anonymous and Pss_Shmem in MB.
+
+    Anonymous counts pages a fork still shares with its server; Pss splits them among sharers.
+    """
+    children, stack, out = _children(), [(root, "")], {}
     while stack:
-        pid = stack.pop()
-        stack += children.get(pid, [])
+        pid, parent_role = stack.pop()
+        name = _role(pid, root, parent_role)
+        stack += [(child, name) for child in children.get(pid, [])]
+        if cpu is not None:
+            cpu[pid] = (name, _cpu_seconds(pid))
         fields = _smaps(pid)
         if not fields:
             continue
-        role = out.setdefault(_role(pid, root), {"procs": 0, "rss": 0, "pss": 0, "anon": 0, "pss_shmem": 0})
+        role = out.setdefault(name, {"procs": 0, "rss": 0, "pss": 0, "anon": 0, "pss_shmem": 0})
         role["procs"] += 1
         for key, name in (("rss", "Rss"), ("pss", "Pss"), ("anon", "Anonymous"), ("pss_shmem", "Pss_Shmem")):
             role[key] += fields.get(name, 0) // 1024
@@ -134,10 +154,11 @@ def run_sampled(cmd: list[str]) -> tuple[str, dict, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     peak: dict = {"total_pss": 0, "total_rss": 0, "roles": {}}
+    cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds at its last sample)
 
     def sample() -> None:
         while proc.poll() is None:
-            roles = tree_memory(proc.pid)
+            roles = tree_memory(proc.pid, cpu)
             pss, rss = sum(r["pss"] for r in roles.values()), sum(r["rss"] for r in roles.values())
             peak["total_rss"] = max(peak["total_rss"], rss)
             if pss > peak["total_pss"]:
@@ -150,6 +171,9 @@ def run_sampled(cmd: list[str]) -> tuple[str, dict, float]:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
+    peak["cpu_s"] = {}
+    for role, seconds in cpu.values():
+        peak["cpu_s"][role] = peak["cpu_s"].get(role, 0.0) + seconds
     return out, peak, time.monotonic() - start
 
 
@@ -214,11 +238,22 @@ def stage_costs(video: str, frames: int, kernels: list[str]) -> dict[str, float]
         out[f"{name} window stack (per frame)"] = _ms(lambda _: np.stack(window), [0] * 10) / s.hop
         clip = np.stack(window)
         out[f"{name} batch stack (per frame)"] = _ms(lambda _: np.stack([clip] * 8), [0] * 5) / (8 * s.hop)
-        scale, shift = torch.full((1, 3, 1, 1, 1), 1 / 58.0), torch.full((1, 3, 1, 1, 1), -2.0)
         batch = np.stack([clip] * 8)
-        out[f"{name} to float + normalise (per frame)"] = _ms(
-            lambda b: torch.from_numpy(b).permute(0, 4, 1, 2, 3).float() * scale + shift, [batch] * 3) / (8 * s.hop)
+        out[f"{name} to float + normalise (per frame)"] = _ms(_normalise(preset), [batch] * 3) / (8 * s.hop)
     return out
+
+
+def _normalise(preset):
+    """The model input of a batch, as ``BatchRunner`` makes it on the CPU (or as it did before it had one)."""
+    import torch
+
+    try:
+        from videofeat.workers.extract.inference import BatchRunner
+
+        return BatchRunner(torch.nn.Identity(), torch.device("cpu"), "fp32", preset.mean, preset.std)._to_device
+    except (ImportError, AttributeError):
+        scale, shift = torch.full((1, 3, 1, 1, 1), 1 / 58.0), torch.full((1, 3, 1, 1, 1), -2.0)
+        return lambda b: torch.from_numpy(b).permute(0, 4, 1, 2, 3).float() * scale + shift
 
 
 def _preset(resolve, name: str, method: str):
@@ -323,6 +358,9 @@ def main() -> None:
             e2e = end_to_end(video, work, preset, resize, args, 1)
             e2e["floor_fps"], e2e["fraction_of_floor"] = floor, e2e["frames_per_s"] / floor
             results[f"{preset} --resize {resize}"] = e2e
+            cpu = {role: 1000 * s / e2e["frames"] for role, s in e2e["memory"]["cpu_s"].items() if s}
+            print(f"  CPU ms per frame (whole run, start-up included): "
+                  + ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(cpu.items())))
             print(f"{preset} --resize {resize} --decode-procs 1: {e2e['frames_per_s']:.1f} frames/s = "
                   f"{e2e['fraction_of_floor']:.2f} of the floor beside it ({floor:.1f} frames/s; {e2e['frames']} "
                   f"frames in {e2e['seconds']:.1f} s "

@@ -4,6 +4,8 @@ the batch is assembled, against the decode-process path; and what the fingerprin
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -122,3 +124,33 @@ def test_the_fingerprint_records_a_kernel_that_changes_numbers():
     assert resolve_preset("aicity-vith", kernel="exact").to_dict() == resolve_preset("aicity-vith").to_dict()
     assert resolve_preset("aicity-vitl", fast_resize=True).to_dict()["fast_resize"] is True
     assert json.dumps(bounded)  # what run.json stores
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_torch_kernel_decoders_fork_from_a_server_that_ignores_stop_signals(videos):
+    resize = FrameResize("pil_bilinear", 32, "bounded")
+    shape, dtype = frame_spec(resize)
+    with DecodePool(PoolConfig(procs=1, ring=4), resize, shape, dtype) as pool:
+        pool.start()
+        child = pool.pids()[0]
+        server = _parent_pid(child)
+        assert server != os.getpid()  # forked from the server that imported torch, not from us
+        # SLURM signals every process of a step: neither the server nor a decode process dies of it.
+        os.kill(server, signal.SIGTERM)
+        os.kill(child, signal.SIGUSR2)
+        events = list(pool.run([DecodeJob(0, videos[0])]))
+        assert [e.kind for e in events].count("frame") == 40 and events[-1].kind == "done"
+        # A decode process killed by a signal is a crashed video, named so, and is replaced.
+        events = []
+        for event in pool.run([DecodeJob(1, videos[0]), DecodeJob(2, videos[1])]):
+            events.append(event)
+            if event.kind == "frame" and event.key == 1 and event.index == 2:
+                os.kill(child, signal.SIGKILL)
+        failed = [e for e in events if e.kind == "failed"]
+        assert [(e.key, e.status) for e in failed] == [(1, "crashed")] and "SIGKILL" in failed[0].error
+        assert [e.key for e in events if e.kind == "done"] == [2] and pool.respawns == 1
+        assert _parent_pid(pool.pids()[0]) == server

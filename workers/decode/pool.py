@@ -1,4 +1,8 @@
-"""A pool of long-lived, spawned decode processes with a watchdog in the parent.
+"""A pool of long-lived decode processes with a watchdog in the parent.
+
+Decode processes start from a fresh interpreter, never forked from the parent (which may hold
+CUDA state and threads): spawned, or, when the resize kernel is torch's, forked from a fork
+server that imported torch once (``forkserver_preload.py``).
 
 Why not DataLoader workers: one segfaulting DataLoader worker ends the whole iterator, and a
 hanging one hangs it. Here each decode process decodes one video at a time and the parent
@@ -223,7 +227,7 @@ class DecodePool:
         self.resize = resize
         self.shape = tuple(frame_shape)
         self.dtype = np.dtype(frame_dtype)
-        self._ctx = mp.get_context("spawn")
+        self._ctx = self._context(resize)
         self._workers: list[_Worker] = []
         self.respawns = 0
 
@@ -237,6 +241,19 @@ class DecodePool:
     def start(self) -> None:
         while len(self._workers) < self.config.procs:
             self._workers.append(self._spawn())
+
+    @staticmethod
+    def _context(resize: Transform) -> Any:
+        """spawn, or a fork server that imported torch once when the kernel is torch's.
+
+        Both start decode processes from a fresh interpreter, never from this process (which may
+        hold CUDA state and threads). See ``forkserver_preload.py`` for what the server saves.
+        """
+        if not getattr(resize, "uses_torch", False):
+            return mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["videofeat.workers.decode.forkserver_preload"])
+        return ctx
 
     def _spawn(self) -> _Worker:
         return _Worker(self._ctx, self.config, self.resize, self.shape, self.dtype)

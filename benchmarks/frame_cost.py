@@ -178,15 +178,16 @@ def run_sampled(cmd: list[str]) -> tuple[str, dict, float]:
 
 
 # ----- the floor and the stages, in this process ------------------------------------------------
-def floor_fps(video: str, frames: int | None = None) -> float:
-    """PyAV decoding to RGB on one thread, frames/s over the first ``frames`` frames (None: all)."""
+def floor_fps(video: str, frames: int | None = None) -> tuple[float, float]:
+    """PyAV decoding to RGB on one thread over the first ``frames`` frames (None: all):
+    (frames/s, CPU ms per frame). CPU time is what a shared machine's load changes least."""
     from videofeat.workers.decode.decoders import open_video
 
     with open_video(video, "pyav", threads=1) as source:
-        start, count = time.perf_counter(), 0
+        start, cpu, count = time.perf_counter(), time.process_time(), 0
         for _ in source.stream(0, frames):
             count += 1
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / count
 
 
 def _ms(fn, inputs: list) -> float:
@@ -340,9 +341,9 @@ def main() -> None:
     video = make_video(work / f"cost_1080p_{args.seconds}s.mp4", args.seconds)
     mbit = os.path.getsize(video) * 8 / args.seconds / 1e6
     print(f"video: {video}, {WIDTH}x{HEIGHT} {FPS} fps, {args.seconds * FPS} frames, {mbit:.1f} Mbit/s", flush=True)
-    results: dict = {"floor_fps": floor_fps(video)}
+    results: dict = dict(zip(("floor_fps", "floor_cpu_ms"), floor_fps(video)))
     print(f"floor: PyAV to RGB on one thread: {results['floor_fps']:.1f} frames/s "
-          f"({1000 / results['floor_fps']:.2f} ms/frame)", flush=True)
+          f"({1000 / results['floor_fps']:.2f} ms/frame, {results['floor_cpu_ms']:.2f} ms of CPU)", flush=True)
     results["stages_ms"] = stage_costs(video, args.stage_frames, args.resize)
     for stage, ms in results["stages_ms"].items():
         print(f"  {stage:<52} {ms:7.3f} ms/frame")
@@ -354,13 +355,17 @@ def main() -> None:
         for resize in args.resize:
             # The floor again right before each run, on the same frames: on a shared machine the
             # load drifts, and the fraction is only meaningful against a floor measured beside it.
-            floor = floor_fps(video, args.frames)
+            floor, floor_cpu = floor_fps(video, args.frames)
             e2e = end_to_end(video, work, preset, resize, args, 1)
             e2e["floor_fps"], e2e["fraction_of_floor"] = floor, e2e["frames_per_s"] / floor
             results[f"{preset} --resize {resize}"] = e2e
             cpu = {role: 1000 * s / e2e["frames"] for role, s in e2e["memory"]["cpu_s"].items() if s}
-            print(f"  CPU ms per frame (whole run, start-up included): "
-                  + ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(cpu.items())))
+            e2e["cpu_ms_per_frame"], e2e["floor_cpu_ms"] = cpu, floor_cpu
+            # With its own core, one decode process delivers floor_cpu / decode_cpu of the floor.
+            print("  CPU ms per frame (whole run, start-up included): "
+                  + ", ".join(f"{role} {ms:.1f}" for role, ms in sorted(cpu.items()))
+                  + f"; the floor beside it {floor_cpu:.1f}: decode-process CPU fraction "
+                    f"{floor_cpu / max(cpu.get('decode', 0.0), 1e-9):.2f}")
             print(f"{preset} --resize {resize} --decode-procs 1: {e2e['frames_per_s']:.1f} frames/s = "
                   f"{e2e['fraction_of_floor']:.2f} of the floor beside it ({floor:.1f} frames/s; {e2e['frames']} "
                   f"frames in {e2e['seconds']:.1f} s "

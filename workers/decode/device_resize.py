@@ -66,4 +66,5 @@ class DeviceResize:
             y = antialias_float(x, h, w).to(torch.uint8)
             top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
             y = y[..., top:top + size, left:left + size]
-        return np.ascontiguousarray(y[0].permute(1, 2, 0).cpu().numpy())
+        # HWC made contiguous where the frame is (on the GPU), then one small copy to the host.
+        return y[0].permute(1, 2, 0).contiguous().cpu().numpy()

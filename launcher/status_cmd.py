@@ -7,7 +7,7 @@ import shlex
 from videofeat.launcher.slurm.records import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
-from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.manifests.status import HAS_WINDOWS, REBUILD_MANIFEST_HINT, STALE_MANIFEST, TRANSIENT, kind
 from videofeat.workers.reduce.run_record import load_run_info, rerun_command
 
 LOG_TAIL_LINES = 5
@@ -77,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
             for tail in _log_tail(run_dir, record.logs[-1]) if record.state != DONE else []:
                 print(f"        | {tail}")
     transient = [v for v in data["no_windows"] if v[1] in TRANSIENT]
+    stale = [v for v in data["no_windows"] if v[1] in STALE_MANIFEST]
     if data["no_windows"]:
         print(f"videos without windows ({len(data['no_windows'])}):")
         for video_id, status, error, where in data["no_windows"]:
-            kind = "permanent" if status in PERMANENT else "transient" if status in TRANSIENT else status
-            print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
+            print(f"  {status:<12} {video_id} [{kind(status)}, {where}]: {error}")
     pending = [r for r in records if r.state != DONE]
     if pending or transient:
         info = load_run_info(run_dir)
@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(args.run_dir)}")
     if transient:
         print("recompute the shards whose videos failed transiently with:\n  " + rerun_command(info, rerun_failed=True))
-    if not pending and not transient:
+    if stale:
+        print(f"{len(stale)} video(s) changed after the manifest was written; {REBUILD_MANIFEST_HINT}")
+    if not pending and not transient and not stale:
         print("all shards are done; next: videofeat reduce " + shlex.quote(args.run_dir))
     return 0

@@ -31,13 +31,13 @@ SCHEMA = pa.schema([
     ("num_frames", pa.int64()), ("fps_num", pa.int64()), ("fps_den", pa.int64()), ("fps", pa.float64()),
     ("start_time_s", pa.float64()), ("duration_s", pa.float64()), ("vfr", pa.bool_()),
     ("width", pa.int32()), ("height", pa.int32()), ("codec", pa.string()), ("size_bytes", pa.int64()),
-    ("status", pa.string()), ("error", pa.string()),
+    ("mtime_ns", pa.int64()), ("rotation", pa.int32()), ("status", pa.string()), ("error", pa.string()),
     ("crop_x", pa.int32()), ("crop_y", pa.int32()), ("crop_w", pa.int32()), ("crop_h", pa.int32()),
     ("shard_id", pa.int32()), ("piece_index", pa.int32()), ("num_pieces", pa.int32()),
     ("piece_start_frame", pa.int64()), ("piece_end_frame", pa.int64()),
 ])
 PROBE_FIELDS = ("num_frames", "fps_num", "fps_den", "fps", "start_time_s", "duration_s", "vfr",
-                "width", "height", "codec", "size_bytes", "status", "error")
+                "width", "height", "codec", "size_bytes", "mtime_ns", "rotation", "status", "error")
 CROP_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h")
 
 

@@ -123,8 +123,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
                 continue
             with open_video(job.uri, backend, crop=job.crop, threads=threads) as source:
                 info = {"fps": str(source.fps) if source.fps else None, "width": source.width,
-                        "height": source.height, "container_frames": source.num_frames, "backend": backend,
-                        "rotation": source.rotation}
+                        "height": source.height, "container_frames": source.num_frames, "rotation": source.rotation}
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
                 for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):

@@ -103,6 +103,12 @@ def parse_command(name: str, argv: Sequence[str], prog: str = "videofeat"):
     parser, module = build_command_parser(name, prog)
     config_path = _find_config(argv)
     apply_config_defaults(parser, config_path)
+    if getattr(module, "PASSES_WORKER_ARGS", False):
+        # A submitting command (videofeat slurm) defines its own flags; what is left over is the
+        # worker's command line, which the worker's own parser checks (launcher/slurm/command.py).
+        args, rest = parser.parse_known_args(list(argv))
+        args.worker_args = rest
+        return args, module
     return parser.parse_args(list(argv)), module
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Optional, Sequence
 
 from videofeat.launcher.finetune_recipes import RECIPES, resolve
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.finetune")
 
@@ -151,15 +151,8 @@ def build_config(args: argparse.Namespace) -> Any:
         progress=bool(v["progress"]), sampling=sampling, augment=augment, optim=optim)
 
 
-def _setup_logging(level: str) -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    logging.basicConfig(level=level.upper() if local_rank == "0" else "WARNING",
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    init_logger(level=args.log_level)
     try:
         cfg = build_config(args)
     except (ValueError, FileNotFoundError) as exc:

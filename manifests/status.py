@@ -40,14 +40,6 @@ REBUILD_MANIFEST_HINT = ("the file changed after the manifest was written: rebui
 HAS_WINDOWS = frozenset({OK, FRAME_COUNT_MISMATCH})
 
 
-def is_permanent(status: str) -> bool:
-    return status in PERMANENT
-
-
-def is_transient(status: str) -> bool:
-    return status in TRANSIENT
-
-
 def kind(status: str) -> str:
     """``permanent``, ``transient``, ``rebuild the manifest`` or the status itself (ok, mismatch)."""
     if status in PERMANENT:
@@ -92,7 +84,3 @@ class VideoRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VideoRecord":
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})

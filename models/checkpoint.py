@@ -263,6 +263,8 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> Non
     }
     for key, value in extra.items():
         _check_plain(value, repr(key))
+    # Written here rather than through manifests.fsutil's atomic writer: models/ imports nothing
+    # of ours but its own layers. Same protocol: a temporary name, fsync, one rename.
     fs, target = fsspec.core.url_to_fs(os.fspath(path))
     tmp = f"{target}.tmp-{os.getpid()}"
     parent = target.rsplit("/", 1)[0] if "/" in target else ""

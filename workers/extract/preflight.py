@@ -11,8 +11,10 @@ decode process; then, once the decoder has opened it, its frame rate against the
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Mapping, Optional
 
+from videofeat.manifests.manifest import ManifestRow
 from videofeat.manifests.probe import file_signature
 from videofeat.manifests.status import CHANGED, REBUILD_MANIFEST_HINT, UNAVAILABLE
 
@@ -22,9 +24,9 @@ FPS_TOLERANCE = 1e-4
 Refusal = Optional[tuple[str, str]]
 
 
-def check_file(row: Mapping[str, Any]) -> Refusal:
+def check_file(row: ManifestRow) -> Refusal:
     """``(status, error)`` when the file cannot be used as the manifest describes it, else None."""
-    uri = row["uri"]
+    uri = row.uri
     try:
         size, mtime_ns = file_signature(uri)
     except OSError as exc:
@@ -32,29 +34,27 @@ def check_file(row: Mapping[str, Any]) -> Refusal:
                              "so this is retried: restore access, then rerun with --rerun-failed "
                              "(to leave the video out on purpose, rebuild the manifest without it)")
     differs = []
-    if row.get("size_bytes") is not None and size is not None and int(row["size_bytes"]) != size:
-        differs.append(f"size {row['size_bytes']} -> {size} bytes")
-    if row.get("mtime_ns") is not None and mtime_ns is not None and int(row["mtime_ns"]) != mtime_ns:
-        differs.append(f"mtime {int(row['mtime_ns'])} -> {mtime_ns} ns")
+    if row.size_bytes is not None and size is not None and row.size_bytes != size:
+        differs.append(f"size {row.size_bytes} -> {size} bytes")
+    if row.mtime_ns is not None and mtime_ns is not None and row.mtime_ns != mtime_ns:
+        differs.append(f"mtime {row.mtime_ns} -> {mtime_ns} ns")
     return _changed(uri, differs)
 
 
-def check_opened(row: Mapping[str, Any], info: Optional[Mapping[str, Any]]) -> Refusal:
+def check_opened(row: ManifestRow, info: Optional[Mapping[str, Any]]) -> Refusal:
     """Compare what the decoder reports on opening the file with the manifest's probe."""
     if not info:
         return None
     differs = []
-    expected = _manifest_fps(row)
+    expected = row.fps
     if info.get("fps") and expected:
-        from fractions import Fraction
-
         got = float(Fraction(info["fps"]))
         if abs(got - expected) > FPS_TOLERANCE * expected:
             differs.append(f"frame rate {expected:g} -> {got:g} fps")
     # The frame count is not compared here: a header count that disagrees with the frames that
     # really decode is ``frame_count_mismatch`` (windows from the decoded frames, timed at the
     # same rate); a file replaced by one of another length is caught by its size and mtime.
-    return _changed(row["uri"], differs)
+    return _changed(row.uri, differs)
 
 
 def _changed(uri: str, differs: list[str]) -> Refusal:
@@ -62,8 +62,3 @@ def _changed(uri: str, differs: list[str]) -> Refusal:
         return None
     return CHANGED, f"{uri} differs from the manifest ({'; '.join(differs)}), no windows written: {REBUILD_MANIFEST_HINT}"
 
-
-def _manifest_fps(row: Mapping[str, Any]) -> Optional[float]:
-    if row.get("fps_num") and row.get("fps_den"):
-        return int(row["fps_num"]) / int(row["fps_den"])
-    return float(row["fps"]) if row.get("fps") else None

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videofeat.workers.reduce.export import DatasetNotReady, ExportConfig, export_run
+    from videofeat.workers.reduce.dataset import DatasetNotReady
+    from videofeat.workers.reduce.export import ExportConfig, export_run
 
     init_logger()
     try:

@@ -109,8 +109,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
         return 2
     args, module = parse_command(name, rest)
+    return run_command(name, module, args)
+
+
+def run_command(name: str, module: object, args: argparse.Namespace) -> int:
+    """Run one command: the one place where bad input becomes a message and exit status 2.
+
+    Used by ``videofeat`` and by the torchrun entry points (``launcher/extract.py``,
+    ``launcher/finetune.py``), so a user error reads the same under every launcher.
+    """
     try:
-        return int(module.run(args) or 0)
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except _user_errors() as exc:
         # Bad input (a missing file, a wrong flag value, a run directory of another fingerprint):
         # the message names the file and the fix; a traceback would only bury it.

@@ -153,11 +153,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     init_logger(level=args.log_level)
-    try:
-        cfg = build_config(args)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    cfg = build_config(args)
     from videofeat.workers.finetune.loop import run_training
 
     result = run_training(cfg)
@@ -169,14 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.cli import parse_command, run_command
 
-    @record
-    def _main() -> int:
-        args, _ = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
-        return run(args)
-
-    return _main()
+    args, module = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
+    return record(run_command)("finetune", module, args)
 
 
 if __name__ == "__main__":

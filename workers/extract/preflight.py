@@ -31,8 +31,8 @@ def check_file(row: ManifestRow) -> Refusal:
         size, mtime_ns = file_signature(uri)
     except OSError as exc:
         return UNAVAILABLE, (f"cannot read {uri} ({type(exc).__name__}: {exc}); the manifest found it readable, "
-                             "so this is retried: restore access, then rerun with --rerun-failed "
-                             "(to leave the video out on purpose, rebuild the manifest without it)")
+                             "so this is retried: restore access, then rerun with --rerun-failed (to leave the video "
+                             "out on purpose: `videofeat reduce --allow-partial`, or a manifest rebuilt without it)")
     differs = []
     if row.size_bytes is not None and size is not None and row.size_bytes != size:
         differs.append(f"size {row.size_bytes} -> {size} bytes")

@@ -35,7 +35,7 @@ from videofeat.manifests.manifest import (ManifestConfig, ManifestRow, build_row
 from videofeat.manifests.probe import probe_video
 from videofeat.manifests.views import canonical_view, parse_views
 from videofeat.workers.decode.decoders import VideoOpenError, open_video
-from videofeat.workers.decode.synthetic import index_frame, write_action_video, write_video
+from videofeat.workers.decode.synthetic import index_frame, read_index, write_action_video, write_video
 from videofeat.workers.extract import preflight
 from videofeat.workers.extract.loop import ExtractConfig, run_extraction
 from videofeat.workers.reduce.export import ExportConfig, export_run
@@ -233,6 +233,9 @@ def test_rotated_video_frames_come_out_as_a_player_shows_them(tmp_path, degrees)
         middle = [rgb for _, rgb, _ in source.stream(9, 12)]
     assert len(frames) == 20 and all(np.array_equal(a, b) for a, b in zip(frames, reference))
     assert all(np.array_equal(a, b) for a, b in zip(middle, reference[9:12]))
+    with open_video(turned) as source:  # --resize fast: FFmpeg turns and scales the frame itself
+        fast = [(i, rgb) for i, rgb, _ in source.stream(output_size=(64, 64))]
+    assert [read_index(np.rot90(rgb, k=-(degrees // 90))) for _, rgb in fast] == [i for i, _ in fast] == list(range(20))
 
 
 def test_rotation_that_cannot_be_applied_is_a_status_not_a_sideways_frame(tmp_path):

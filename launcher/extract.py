@@ -85,33 +85,28 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input raises (ValueError, FileNotFoundError, FingerprintMismatch): the command runner
+    turns it into one message and exit 2, under ``videofeat`` and under torchrun alike."""
     setup_logging(args.verbose)
     if (args.plan is None) != (args.task_index is None):
-        print("videofeat extract: --plan and --task-index go together", file=sys.stderr)
-        return 2
+        raise ValueError("--plan and --task-index go together")
+    config = build_config(args)
     try:
-        config = build_config(args)
         shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
-    except ValueError as exc:
-        print(f"videofeat extract: {exc}", file=sys.stderr)
-        return 2
-    from videofeat.manifests.ledger import FingerprintMismatch
+    except ValueError:
+        raise ValueError(f"--shards must be comma-separated shard ids, got {args.shards!r}") from None
     from videofeat.workers.extract.loop import run_extraction
 
-    try:
-        return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
-    except (FingerprintMismatch, FileNotFoundError, ValueError) as exc:
-        logging.getLogger("videofeat.extract").error("%s", exc)
-        return 2
+    return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
 
 
 def main(argv=None) -> int:
+    """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.cli import run_command
 
-    args, _ = parse_command("extract", sys.argv[1:] if argv is None else argv)
-    return int(record(run)(args) or 0)
+    return int(record(run_command)("extract", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

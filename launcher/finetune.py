@@ -159,15 +159,18 @@ def _setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 when the run completed, stopped or was preempted (the markers say which); 1 when it
+    diverged. Bad input raises, and the command runner turns it into one message and exit 2."""
     _setup_logging(args.log_level)
-    try:
-        cfg = build_config(args)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    from videofeat.workers.finetune.loop import run_training
+    cfg = build_config(args)
+    from videofeat.workers.finetune.loop import TrainingDiverged, run_training
 
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except TrainingDiverged as exc:
+        if os.environ.get("RANK", "0") == "0":
+            log.error("%s", exc)
+        return 1
     log.info("fine-tuning %s at step %d (epoch %d)", result["status"], result["step"], result["epoch"])
     return 0
 
@@ -176,14 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.cli import run_command
 
-    @record
-    def _main() -> int:
-        args, _ = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
-        return run(args)
-
-    return _main()
+    return int(record(run_command)("finetune", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -121,12 +121,13 @@ def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, class
 
 
 def make_run(root, videos: list[Video], dim: int = 8, classes: int = 4, skip: tuple = (),
-             views=("rear", "dashboard")) -> RunDir:
-    """A run directory with every shard of ``videos`` committed except those in ``skip``."""
+             views=("rear", "dashboard"), run_url: Optional[str] = None) -> RunDir:
+    """A run directory (``root/run`` or ``run_url``) with every shard of ``videos`` committed
+    except those in ``skip``."""
     manifest = os.path.join(root, "manifest.parquet")
     os.makedirs(root, exist_ok=True)
     pq.write_table(manifest_table(videos), manifest)
-    run = RunDir(os.path.join(root, "run"))
+    run = RunDir(run_url or os.path.join(root, "run"))
     run.initialize({"manifest": "m1", "model": "tiny", "views": list(views)},
                    {"preset": {"name": "test", "span": SPAN, "hop": HOP, "num_frames": 16, "step": 2},
                     "model": "tiny", "checkpoints": {"rear": "rear.pt", "dashboard": "dash.pt"}},
@@ -348,14 +349,17 @@ def test_real_extraction_run_refused_then_completed_by_the_printed_command(tmp_p
 
 
 def test_marker_that_appears_late_on_a_shared_filesystem_is_waited_for(tmp_path):
+    """Where a marker written elsewhere can show up late (here fsspec's in-memory filesystem,
+    which like an object store is not a local disk), an interrupted-looking shard is waited for."""
     import threading
+    import uuid
 
     videos = basic_videos()
-    run = make_run(tmp_path, videos)
-    os.remove(run.marker_path(1))
-    run.fs.makedirs(run.path("logs"), exist_ok=True)
-    open(run.log_path(1, 1), "w").write("shard 1 attempt 1\n")  # started elsewhere, marker not visible yet
-    late = threading.Timer(0.6, lambda: open(run.marker_path(1), "w").close())
+    run = make_run(tmp_path, videos, run_url=f"memory://late-marker-{uuid.uuid4().hex[:8]}/run")
+    run.fs.rm(run.marker_path(1))
+    with run.fs.open(run.log_path(1, 1), "wb") as handle:  # started elsewhere, marker not visible yet
+        handle.write(b"shard 1 attempt 1\n")
+    late = threading.Timer(0.6, lambda: run.fs.pipe(run.marker_path(1), b""))
     late.start()
     try:
         summary = reduce_run(ReduceConfig(run.url, marker_wait_s=10))

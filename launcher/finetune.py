@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Optional, Sequence
 
 from videofeat.launcher.finetune_recipes import RECIPES, resolve
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.finetune")
 
@@ -151,24 +151,19 @@ def build_config(args: argparse.Namespace) -> Any:
         progress=bool(v["progress"]), sampling=sampling, augment=augment, optim=optim)
 
 
-def _setup_logging(level: str) -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    logging.basicConfig(level=level.upper() if local_rank == "0" else "WARNING",
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
-
-
 def run(args: argparse.Namespace) -> int:
     """0 when the run completed, stopped or was preempted (the markers say which); 1 when it
     diverged. Bad input raises, and the command runner turns it into one message and exit 2."""
-    _setup_logging(args.log_level)
+    init_logger(level=args.log_level)
     cfg = build_config(args)
     from videofeat.workers.finetune.loop import TrainingDiverged, run_training
 
     try:
         result = run_training(cfg)
     except TrainingDiverged as exc:
-        if os.environ.get("RANK", "0") == "0":
+        from videofeat.launcher.cli import reporting_rank
+
+        if reporting_rank():  # every rank stopped at the same step; one says why
             log.error("%s", exc)
         return 1
     log.info("fine-tuning %s at step %d (epoch %d)", result["status"], result["step"], result["epoch"])

@@ -277,6 +277,8 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> Non
     }
     for key, value in extra.items():
         _check_plain(value, repr(key))
+    # Written here rather than through manifests.fsutil's atomic writer: models/ imports nothing
+    # of ours but its own layers. Same protocol: a temporary name, fsync, one rename.
     fs, target = fsspec.core.url_to_fs(os.fspath(path))
     # <host>-p<pid>-<nonce>: the naming that manifests.temporaries recognises, so a later run can
     # tell the temporary of a killed writer from one a live process is still writing.

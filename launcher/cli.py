@@ -125,14 +125,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in commands:
         print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
         return 2
-    return run_command(name, rest)
+    return parse_and_run(name, rest)
 
 
-def run_command(name: str, argv: Sequence[str], prog: str = "videofeat") -> int:
-    """Parse and run one command; the ``videofeat`` CLI and the torchrun entry points share it.
+def parse_and_run(name: str, argv: Sequence[str], prog: str = "videofeat") -> int:
+    """Parse ``argv`` and run the command: ``videofeat`` and the torchrun entry points.
 
-    Bad input (a wrong flag, a missing file, a run directory of another fingerprint) ends in one
-    message naming the file and the fix, and exit status 2; a traceback would only bury it.
+    A bad flag or ``--config`` file is one message and exit status 2 like any other bad input;
+    under torchrun every rank parses the same argv, and rank 0 alone says what is wrong.
     """
     reporting = reporting_rank()
     try:
@@ -149,12 +149,23 @@ def run_command(name: str, argv: Sequence[str], prog: str = "videofeat") -> int:
         if os.environ.get("VIDEOFEAT_DEBUG"):
             raise
         return _report(prog, name, _describe(exc), reporting)
+    return run_command(name, module, args, prog)
+
+
+def run_command(name: str, module: object, args: argparse.Namespace, prog: str = "videofeat") -> int:
+    """Run one command: the one place where bad input becomes a message and exit status 2.
+
+    Used by ``videofeat`` and by the torchrun entry points (``launcher/extract.py``,
+    ``launcher/finetune.py``), so a user error reads the same under every launcher.
+    """
     try:
-        return int(module.run(args) or 0)
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except _user_errors() as exc:
+        # Bad input (a missing file, a wrong flag value, a run directory of another fingerprint):
+        # the message names the file and the fix; a traceback would only bury it.
         if os.environ.get("VIDEOFEAT_DEBUG"):
             raise
-        return _report(prog, name, _describe(exc), reporting)
+        return _report(prog, name, _describe(exc), reporting_rank())
 
 
 def _report(prog: str, name: str, message: str, reporting: bool) -> int:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
     except ValueError:
-        raise ValueError(f"--shards must be comma-separated shard ids, got {args.shards!r}") from None
+        raise ValueError(f"--shards takes comma-separated shard ids, got {args.shards!r}") from None
     from videofeat.workers.extract.loop import run_extraction
 
     return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
@@ -93,9 +93,10 @@ def main(argv=None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import run_command
+    from videofeat.launcher.cli import parse_and_run
 
-    return int(record(run_command)("extract", list(sys.argv[1:] if argv is None else argv)) or 0)
+    # Parsing inside: a bad flag under torchrun is one message and exit 2 like any other bad input.
+    return int(record(parse_and_run)("extract", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

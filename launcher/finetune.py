@@ -174,9 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import run_command
+    from videofeat.launcher.cli import parse_and_run
 
-    return int(record(run_command)("finetune", list(sys.argv[1:] if argv is None else argv)) or 0)
+    # Parsing inside: a bad flag under torchrun is one message and exit 2 like any other bad input.
+    return int(record(parse_and_run)("finetune", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -325,9 +325,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return handlers[args.slurm_command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
-        return 2
     except SlurmError as error:
         print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
         return 1

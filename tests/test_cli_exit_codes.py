@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from conftest import REPO_ROOT, run_cli
+from test_reduce import basic_videos, make_run
 
 
 def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -62,6 +63,12 @@ def test_status_export_finetune_on_bad_paths_exit_2(tmp_path):
     export = run_cli("export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), check=False)
     assert export.returncode == 2 and "run.json does not exist" in export.stderr, export.stderr
     assert "Traceback" not in export.stderr and not (tmp_path / "out").exists()
+    run = make_run(tmp_path / "real", basic_videos())
+    elsewhere = run_cli("export", run.url, "-o", str(tmp_path / "out"), "--dataset", str(tmp_path / "none"),
+                        check=False)
+    assert elsewhere.returncode == 2 and "--dataset" in elsewhere.stderr and "is not a folder" in elsewhere.stderr
+    not_reduced = run_cli("export", run.url, "-o", str(tmp_path / "out"), check=False)
+    assert not_reduced.returncode == 1 and "videofeat reduce" in not_reduced.stderr  # a state, not bad input
     missing = run_cli("finetune", "--recipe", "cpu-test", "--output", str(tmp_path / "ft"), "--labels",
                       str(tmp_path / "labels.parquet"), "--manifest", str(tmp_path / "m.parquet"), check=False)
     assert missing.returncode == 2 and "labels.parquet" in missing.stderr, missing.stderr

@@ -246,9 +246,8 @@ class Trainer:
         finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
                      if t.is_floating_point())
         if self.env.all_reduce_max(0 if finite else 1):
-            raise TrainingDiverged(f"the weights hold non-finite values at step {self.step} (epoch "
-                                   f"{self.epoch + 1}); {name} was not written. Likely cause: "
-                                   f"{self._likely_cause()}")
+            raise TrainingDiverged(f"the weights hold non-finite values after step {self.step}; {name} was "
+                                   f"not written. Likely cause: {self._likely_cause()}")
         rng = ts.gather_rng_states(self.env.all_gather)  # a collective: every rank calls save()
         if self.env.is_main:
             ts.save_training_checkpoint(

@@ -36,7 +36,8 @@ def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
     """Everything the status table shows, as data (tests and the reducer read it too)."""
     run = run_dir.load_run()
     if run is None:
-        raise SystemExit(f"{run_dir.url} has no run.json: not a videofeat run directory (or nothing ran yet)")
+        raise FileNotFoundError(f"{run_dir.url} has no run.json: not a videofeat run directory (or nothing ran "
+                                "yet); `videofeat extract MANIFEST -o RUN_DIR` creates one")
     manifest = read_manifest(run["manifest"]).to_pylist()
     views = set(run.get("views") or []) or {r["view"] for r in manifest}
     rows = [r for r in manifest if r["view"] in views]

@@ -195,10 +195,13 @@ def _wait_for_markers(run_dir: RunDir, records: dict[int, ShardRecord], budget_s
     """Give markers written on another node time to show up on a shared filesystem.
 
     Only shards that started an attempt and left neither a marker nor a failure record can be
-    in flight; shards never attempted, or that failed, are not waited for.
+    in flight; shards never attempted, or that failed, are not waited for. On a local disk a
+    marker is visible the moment it is written, so nothing is waited for there.
     """
     pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.killed]
     if not pending or budget_s <= 0:
+        return records
+    if not fsutil.late_writes_plausible(run_dir.fs, run_dir.root):
         return records
     deadline = time.monotonic() + budget_s
     for shard_id in pending:

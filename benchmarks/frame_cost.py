@@ -137,7 +137,9 @@ def tree_memory(root: int, cpu: dict | None = None) -> dict[str, dict[str, int]]
         name = _role(pid, root, parent_role)
         stack += [(child, name) for child in children.get(pid, [])]
         if cpu is not None:
-            cpu[pid] = (name, _cpu_seconds(pid))
+            # A process that is exiting reads as 0 s (or loses its parent): keep what it had.
+            role, seconds = cpu.get(pid, (name, 0.0))
+            cpu[pid] = (role if role != "other" else name, max(seconds, _cpu_seconds(pid)))
         fields = _smaps(pid)
         if not fields:
             continue

@@ -103,6 +103,15 @@ def run(args: argparse.Namespace) -> int:
     except (FingerprintMismatch, FileNotFoundError, ValueError) as exc:
         logging.getLogger("videofeat.extract").error("%s", exc)
         return 2
+    except OSError as exc:
+        from videofeat.manifests.fsutil import is_no_space
+
+        if not is_no_space(exc):
+            raise
+        # Before any shard started (run.json, the plan): nothing was computed, nothing is lost.
+        print(f"videofeat extract: no space left on device under {config.output} ({exc}); free space there, "
+              "then run the same command again", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:

@@ -285,7 +285,8 @@ class RunDir:
                 if last_failure is None:
                     last_failure = {"kind": "interrupted", "message":
                                     f"attempt {attempts[-1]} left no completion marker and no failure record "
-                                    "(the process was killed or its node was lost)"}
+                                    "(the process was killed or its node was lost, or it could not write "
+                                    "the record: a full disk, said on its stderr)"}
             else:
                 errors = sum(1 for a in failures
                              if (fsutil.optional_read_json(self.fs, self.failure_path(shard_id, a)) or {})

@@ -144,13 +144,19 @@ class _FileLog(logging.FileHandler):
 
     failed = False
 
-    def handleError(self, record: logging.LogRecord) -> None:
+    def handleError(self, record: Optional[logging.LogRecord]) -> None:
         if not self.failed:
             self.failed = True
             import sys
 
             print(f"videofeat: cannot write the shard log {self.baseFilename}: {sys.exc_info()[1]}",
                   file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines did not fit either
+            self.handleError(None)
 
 
 class Extractor:

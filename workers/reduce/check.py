@@ -333,12 +333,21 @@ class ShardFiles:
         if shard_id not in self._open:
             if len(self._open) >= self._keep:
                 self._close(next(iter(self._open)))
-            self._open[shard_id] = open_shard(self._run_dir.shard_path(shard_id), self._run_dir.fs)
+            try:
+                self._open[shard_id] = open_shard(self._run_dir.shard_path(shard_id), self._run_dir.fs)
+            except CorruptShard as error:
+                self._run_dir.note_corrupt(shard_id, str(error))
+                raise
         return self._open[shard_id][1]
 
     def read(self, shard_id: int, row_groups: Sequence[int], columns: Optional[Sequence[str]] = None):
-        """Row groups of one shard with page checksums verified; a bad page raises CorruptShard."""
-        return read_row_groups(self.get(shard_id), self._run_dir.shard_path(shard_id), row_groups, columns)
+        """Row groups of one shard with page checksums verified; a bad page raises CorruptShard, and
+        is noted beside the shard so that a plain rerun recomputes it."""
+        try:
+            return read_row_groups(self.get(shard_id), self._run_dir.shard_path(shard_id), row_groups, columns)
+        except CorruptShard as error:
+            self._run_dir.note_corrupt(shard_id, str(error))
+            raise
 
     def _close(self, shard_id: int) -> None:
         handle, parquet = self._open.pop(shard_id)

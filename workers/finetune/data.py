@@ -223,15 +223,6 @@ class ClipDataset(Dataset):
                            f"{original} ({self.segments[original].uri}); the data is unreadable")
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM / SIGUSR2 are for the training process (which
-    checkpoints), not for its loader processes (a dead loader would crash the epoch)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled with seed + epoch, padded to a multiple of the world size)
     that can start part-way into an epoch: ``set_epoch(epoch, skip=n)`` drops this rank's first

@@ -6,8 +6,10 @@ on local disks and on NFS v3+, where advisory locks are not to be relied on. Whi
 the holder touches the file every ``heartbeat_s`` (its mtime is the heartbeat).
 
 A claim is broken only when its holder is gone: on the same host, when its pid no longer runs
-(or runs with another start time, i.e. the pid was reused, or is a zombie); on any host, when
-the heartbeat is older than ``stale_s``. Breaking renames the claim to a unique name (one breaker
+(or runs with another start time, i.e. the pid was reused, or is a zombie); under SLURM, when the
+holder was an earlier run of this very job step (a requeue starts only after that run ended);
+on any host, when the heartbeat is older than ``stale_s`` (``VIDEOFEAT_CLAIM_STALE_S``, default
+300 s). Breaking renames the claim to a unique name (one breaker
 wins the rename), checks that the renamed file is the very claim judged stale, and puts it back
 if a new holder slipped in between; then the breaker creates its own claim as usual.
 """
@@ -30,7 +32,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0
 # Long against the heartbeat: NFS attribute caches may show an mtime up to a minute late.
-STALE_S = 300.0
+STALE_S = float(os.environ.get("VIDEOFEAT_CLAIM_STALE_S", "300"))
+# The SLURM ids that name one array task (or job) across its requeues.
+_SLURM_TASK = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID")
 
 
 class ClaimLost(RuntimeError):
@@ -44,11 +48,17 @@ class Holder:
     pid_start: Optional[int]
     started: str
     token: str
+    slurm: Optional[dict] = None
 
     @classmethod
     def of_this_process(cls) -> "Holder":
+        slurm = {k: os.environ[k] for k in (*_SLURM_TASK, "SLURM_RESTART_COUNT") if k in os.environ}
         return cls(socket.gethostname(), os.getpid(), _pid_start(os.getpid()),
-                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), uuid.uuid4().hex)
+                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), uuid.uuid4().hex, slurm or None)
+
+    @classmethod
+    def from_body(cls, body: dict) -> "Holder":
+        return cls(**{k: body.get(k) for k in cls.__dataclass_fields__})
 
     def describe(self) -> str:
         return f"host {self.host} pid {self.pid} since {self.started}"
@@ -86,6 +96,10 @@ def stale_reason(body: Optional[dict], age_s: float, stale_s: float) -> Optional
     if body and body.get("host") == socket.gethostname() and body.get("pid"):
         if not _pid_runs(int(body["pid"]), body.get("pid_start")):
             return f"its holder (pid {body['pid']} on {body['host']}) no longer runs"
+    theirs, ours = (body or {}).get("slurm") or {}, Holder.of_this_process().slurm or {}
+    if theirs.get("SLURM_JOB_ID") and all(theirs.get(k) == ours.get(k) for k in _SLURM_TASK) \
+            and theirs.get("SLURM_RESTART_COUNT", "0") != ours.get("SLURM_RESTART_COUNT", "0"):
+        return f"its holder was an earlier run of this SLURM job (requeued; restart {ours.get('SLURM_RESTART_COUNT', '0')})"
     if age_s > stale_s:
         return f"no heartbeat for {age_s:.0f} s (timeout {stale_s:.0f} s)"
     return None
@@ -166,7 +180,7 @@ def acquire(fs: Any, path: str, stale_s: float = STALE_S,
             continue  # released between our attempt and our look: try again
         why = stale_reason(body, age, stale_s)
         if why is None:
-            who = Holder(**body).describe() if body else "a process that is creating it right now"
+            who = Holder.from_body(body).describe() if body else "a process that is creating it right now"
             return None, f"claimed by {who} (heartbeat {age:.0f} s ago)"
         if _break(fs, path, raw):
             log.warning("broke the claim %s: %s", path, why)

@@ -49,7 +49,8 @@ INTERRUPTED = "interrupted"  # stopped by a signal, or died without a record (ki
 FAILED = "failed"            # raised an error; retried until --max-attempts
 GAVE_UP = "gave_up"          # failed --max-attempts times; only --rerun-failed retries it
 CORRUPT = "corrupt"          # has a marker, but its file changed after the commit; recomputed by a plain rerun
-SHARD_STATES = (DONE, MISSING, INTERRUPTED, FAILED, GAVE_UP, CORRUPT)
+RUNNING = "running"          # no marker, but a live claim: some process computes it right now
+SHARD_STATES = (DONE, MISSING, INTERRUPTED, FAILED, GAVE_UP, CORRUPT, RUNNING)
 
 FAILURE_KINDS = ("error", "interrupted")
 DEFAULT_MAX_ATTEMPTS = 3
@@ -290,6 +291,11 @@ class RunDir:
             if attempts and failures and failures[-1] == attempts[-1]:
                 last_failure = fsutil.optional_read_json(self.fs, self.failure_path(shard_id, failures[-1]))
             killed = bool(attempts) and last_failure is None
+            holder = self._live_claim(shard_id) if f"{name}.claim" in listings["shards"] else None
+            if holder:
+                out.append(ShardRecord(shard_id, RUNNING, len(attempts), {"kind": "running", "message": holder},
+                                       None, logs))
+                continue
             if not attempts:
                 state = MISSING
             elif last_failure is None or last_failure.get("kind") == "interrupted":
@@ -307,6 +313,14 @@ class RunDir:
                 state = GAVE_UP if errors >= max_attempts else FAILED
             out.append(ShardRecord(shard_id, state, len(attempts), last_failure, None, logs, killed))
         return out
+
+    def _live_claim(self, shard_id: int) -> Optional[str]:
+        """Who computes the shard now, if its claim is live (a stale claim is a dead attempt)."""
+        raw, body, age = claims.read_claim(self.fs, self.claim_path(shard_id))
+        if raw is None or claims.stale_reason(body, age, claims.STALE_S):
+            return None
+        who = claims.Holder.from_body(body).describe() if body else "a process creating its claim"
+        return f"claimed by {who}, heartbeat {age:.0f} s ago"
 
     def verify_committed(self, shard_id: int, stats: Optional[dict], full: bool = False,
                          noted: bool = False) -> Optional[str]:

@@ -29,7 +29,8 @@ from helpers_extract import TINY_ARGS, make_dataset, tiny_checkpoint
 from test_extract import tiny_config
 from videofeat.launcher.cli import main as cli_main
 from videofeat.manifests import claims
-from videofeat.manifests.ledger import CORRUPT, DONE, FAILED, INTERRUPTED, FingerprintMismatch, RunDir
+from videofeat.manifests.ledger import (CORRUPT, DONE, FAILED, INTERRUPTED, MISSING, RUNNING, FingerprintMismatch,
+                                        RunDir)
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.extract.loop import run_extraction
 from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, reduce_run
@@ -266,7 +267,7 @@ def write_claim(run: RunDir, shard: int, **fields) -> str:
     return path
 
 
-def test_a_claim_is_broken_only_when_its_holder_is_gone_or_stale(tmp_path):
+def test_a_claim_is_broken_only_when_its_holder_is_gone_or_stale(tmp_path, monkeypatch):
     run = RunDir(str(tmp_path / "run"))
     os.makedirs(run.path("shards"))
     sleeper = subprocess.Popen(["sleep", "60"])
@@ -274,9 +275,12 @@ def test_a_claim_is_broken_only_when_its_holder_is_gone_or_stale(tmp_path):
         write_claim(run, 0, pid=sleeper.pid, pid_start=claims._pid_start(sleeper.pid))
         claim, holder = run.claim_shard(0)
         assert claim is None and f"pid {sleeper.pid}" in holder and socket.gethostname() in holder
+        record = run.records([0])[0]  # status and the reducer say who computes it
+        assert record.state == RUNNING and f"pid {sleeper.pid}" in record.last_failure["message"]
     finally:
         sleeper.kill()
         sleeper.wait()
+    assert run.records([0])[0].state == MISSING
     claim, _ = run.claim_shard(0)  # its holder is dead: broken at once
     assert claim is not None and claim.holds()
     claim.release()
@@ -286,6 +290,15 @@ def test_a_claim_is_broken_only_when_its_holder_is_gone_or_stale(tmp_path):
     assert run.claim_shard(1, stale_s=60)[0] is None
     os.utime(path, (time.time() - 120, time.time() - 120))
     claim, _ = run.claim_shard(1, stale_s=60)
+    assert claim is not None
+    claim.release()
+
+    # a SLURM job requeued onto another node: the claim of its earlier run, fresh as it is, is its own
+    write_claim(run, 4, host="lost-node", slurm={"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"})
+    assert run.claim_shard(4)[0] is None
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    claim, _ = run.claim_shard(4)
     assert claim is not None
     claim.release()
 

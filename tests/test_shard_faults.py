@@ -124,16 +124,16 @@ def leftovers(run_dir: str) -> list[str]:
 def test_changed_shards_are_corrupt_refused_by_reduce_and_recomputed_by_a_plain_rerun(data, tmp_path, capsys):
     run = copy_run(data, tmp_path / "run")
     flip_feature_bytes(run.shard_path(0), keep_mtime=True)                     # bit rot
-    with open(run.shard_path(1), "r+b") as handle:                             # truncated
-        handle.truncate(os.path.getsize(run.shard_path(1)) // 2)
+    flip_feature_bytes(run.shard_path(1))                                      # bytes flipped by a write
     os.rename(run.shard_path(2), run.shard_path(9))                            # 2 and 3 swapped
     os.rename(run.shard_path(3), run.shard_path(2))
     os.rename(run.shard_path(9), run.shard_path(3))
 
-    # status: the quick check (size, mtime, then the hash) sees all but the silent bit rot
+    # status: the quick check (size; the hash once the mtime moved) sees all but the silent bit rot
     status = run_cli("status", run.root).stdout
     assert "3 corrupt" in status and "1 done" in status, status
-    assert "00001 corrupt" in status and "truncated" in status and "00002 corrupt" in status
+    assert "00001 corrupt" in status and "changed after its marker: SHA-256" in status
+    assert "00002 corrupt" in status and "truncated or replaced after its marker" in status
     assert "00003 corrupt" in status and "videofeat extract" in status
 
     # reduce hashes every shard: it refuses all four, naming them and the command, and writes nothing

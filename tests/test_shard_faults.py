@@ -259,6 +259,11 @@ def test_full_disk_fails_shards_with_records_then_a_rerun_computes_only_what_is_
         assert "shard 00002" in err and "shard 00003" in err and "Traceback" not in err
         assert leftovers(run.root) == []
         assert states(run)[2] == INTERRUPTED and "full disk" in run.records([2])[0].last_failure["message"]
+        fill(disk, 0)  # not even a claim fits: each shard says so, none is started
+        assert run_extraction(config, plan_id=plan, task_index=0) == 1
+        err = capfd.readouterr().err
+        assert err.count("not attempted: no space left on device") == 2, err
+        assert run.attempts(2) == [1, 2] and leftovers(run.root) == []
 
         # 3. Space freed: a plain rerun computes shards 2 and 3 only.
         filler.unlink()

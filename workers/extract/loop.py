@@ -245,7 +245,14 @@ class Extractor:
 
     def extract_shard(self, shard_id: int) -> str:
         """'done', 'error', 'unrecorded' (an error its record could not hold), 'interrupted' or 'skipped'."""
-        claim = self._claim(shard_id)
+        try:
+            claim = self._claim(shard_id)
+        except OSError as exc:  # not even the claim fits (a full disk): say so, go on with the next shard
+            import sys
+
+            print(f"videofeat: shard {shard_name(shard_id)} not attempted: "
+                  f"{fsutil.describe_error(exc, self.run.claim_path(shard_id))}", file=sys.stderr, flush=True)
+            return "unrecorded"
         if claim is None:
             return "skipped"
         try:

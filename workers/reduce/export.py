@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from videofeat import __version__
 from videofeat.manifests import fsutil
+from videofeat.manifests.manifest import read_manifest_rows
 from videofeat.manifests.views import canonical_view
 from videofeat.workers.reduce.dataset import Dataset
 
@@ -133,16 +134,12 @@ def video_timing(dataset: Dataset) -> dict[str, dict]:
     if manifest:
         fs, path = fsutil.filesystem(manifest)
         if fs.exists(path):
-            names = pq.read_schema(path, filesystem=fs).names
-            columns = [c for c in ("video_id", "fps", "fps_num", "fps_den", "duration_s", "num_frames") if c in names]
-            for row in fsutil.read_parquet(path, columns=columns, fs=fs).to_pylist():
-                fps = row.get("fps")
-                if row.get("fps_num") and row.get("fps_den"):
-                    fps = row["fps_num"] / row["fps_den"]
-                duration = row.get("duration_s")
-                if duration is None and fps and row.get("num_frames"):
-                    duration = row["num_frames"] / fps
-                out.setdefault(row["video_id"], {"fps": fps, "duration": duration})
+            for row in read_manifest_rows(manifest):
+                fps = row.fps or None
+                duration = row.duration_s
+                if duration is None and fps and row.num_frames:
+                    duration = row.num_frames / fps
+                out.setdefault(row.video_id, {"fps": fps, "duration": duration})
     return out
 
 

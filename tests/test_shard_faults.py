@@ -35,11 +35,13 @@ from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.extract.loop import run_extraction
 from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, reduce_run
 
-# Shards 0 and 1 are small; 2 and 3 hold ~50 KB each (the ENOSPC test needs shards larger than
-# the room it leaves for plans, logs and failure records).
+# Shards 0 and 1 are small; 2 and 3 hold ~70 KB each (44 windows of 64 features and 400 class
+# probabilities): the full-disk test needs shards well beyond the room it leaves for plans,
+# claims, logs and failure records.
 SPECS = [("Rear_view_user_id_1_NoAudio_1", 48, 0), ("Rear_view_user_id_2_NoAudio_1", 40, 0),
-         ("Rear_view_user_id_3_NoAudio_1", 64, 1), ("Rear_view_user_id_4_NoAudio_1", 1000, 2),
-         ("Rear_view_user_id_5_NoAudio_1", 900, 3)]
+         ("Rear_view_user_id_3_NoAudio_1", 64, 1), ("Rear_view_user_id_4_NoAudio_1", 360, 2),
+         ("Rear_view_user_id_5_NoAudio_1", 360, 3)]
+CLASSES = 400
 SHARDS = [0, 1, 2, 3]
 
 
@@ -60,7 +62,7 @@ def data(tmp_path_factory):
     rows = make_dataset(root, SPECS, action=False)
     manifest = str(root / "manifest.parquet")
     write_manifest(rows, manifest)
-    ckpt = tiny_checkpoint(root / "tiny.pt")
+    ckpt = tiny_checkpoint(root / "tiny.pt", num_classes=CLASSES)
     clean = str(root / "clean")
     assert run_extraction(tiny_config(manifest, clean, ckpt)) == 0
     reduce_run(ReduceConfig(clean, marker_wait_s=0))
@@ -124,16 +126,18 @@ def leftovers(run_dir: str) -> list[str]:
 def test_changed_shards_are_corrupt_refused_by_reduce_and_recomputed_by_a_plain_rerun(data, tmp_path, capsys):
     run = copy_run(data, tmp_path / "run")
     flip_feature_bytes(run.shard_path(0), keep_mtime=True)                     # bit rot
-    flip_feature_bytes(run.shard_path(1))                                      # bytes flipped by a write
-    os.rename(run.shard_path(2), run.shard_path(9))                            # 2 and 3 swapped
+    with open(run.shard_path(1), "r+b") as handle:                             # truncated
+        handle.truncate(os.path.getsize(run.shard_path(1)) // 2)
+    assert os.path.getsize(run.shard_path(2)) == os.path.getsize(run.shard_path(3))
+    os.rename(run.shard_path(2), run.shard_path(9))                            # 2 and 3 swapped (same size)
     os.rename(run.shard_path(3), run.shard_path(2))
     os.rename(run.shard_path(9), run.shard_path(3))
 
     # status: the quick check (size; the hash once the mtime moved) sees all but the silent bit rot
     status = run_cli("status", run.root).stdout
     assert "3 corrupt" in status and "1 done" in status, status
-    assert "00001 corrupt" in status and "changed after its marker: SHA-256" in status
-    assert "00002 corrupt" in status and "truncated or replaced after its marker" in status
+    assert "00001 corrupt" in status and "truncated or replaced after its marker" in status
+    assert "00002 corrupt" in status and "00003 corrupt" in status and "changed after its marker: SHA-256" in status
     assert "00003 corrupt" in status and "videofeat extract" in status
 
     # reduce hashes every shard: it refuses all four, naming them and the command, and writes nothing
@@ -186,7 +190,7 @@ def test_nan_features_are_never_written(data, tmp_path):
     from videofeat.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = create_model("videomae_test", num_classes=10)
+    model = create_model("videomae_test", num_classes=CLASSES)
     with torch.no_grad():  # one NaN weight, as a diverged fine-tune leaves it
         model.patch_embed.proj.weight[0, 0, 0, 0, 0] = float("nan")
     nan_ckpt = str(tmp_path / "nan.pt")
@@ -240,8 +244,9 @@ def test_full_disk_fails_shards_with_records_then_a_rerun_computes_only_what_is_
         assert run_extraction(config, shard_ids=[0, 1]) == 0
         committed = {s: run.records([s])[0].stats["file"] for s in (0, 1)}
 
-        # 1. The disk fills up: room for a plan, logs and failure records, not for a 50 KB shard.
-        filler = fill(disk, 40 * 1024)
+        # 1. The disk fills up: room for a plan, claims, logs and failure records, not for a 70 KB shard.
+        assert min(os.path.getsize(RunDir(data.clean).shard_path(s)) for s in (2, 3)) > 56 * 1024
+        filler = fill(disk, 48 * 1024)
         assert run_extraction(config) == 1
         for record in run.records([2, 3]):
             assert record.state == FAILED and "no space left on device" in record.last_failure["message"]
@@ -366,7 +371,7 @@ def test_two_processes_racing_for_claims_never_both_win(tmp_path):
 def test_two_extract_launches_at_once_compute_every_shard_exactly_once(data, tmp_path):
     run = RunDir(str(tmp_path / "run"))
     cmd = [sys.executable, "-m", "videofeat.launcher.cli", "extract", data.manifest, "-o", run.root, *TINY_ARGS,
-           "--checkpoint", data.ckpt]
+           "--decode-procs", "1", "--checkpoint", data.ckpt]  # one decoder each: two launches share 2 cores
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]

@@ -81,7 +81,7 @@ else
   CTLD_ADDR=127.0.0.1
   # Seconds without an answer before a node is marked down. Short, so that a lost node's jobs
   # are requeued quickly; a busy machine answers slurmctld's pings well within it.
-  SLURMD_TIMEOUT="${VIDEOFEAT_SLURMD_TIMEOUT:-10}"
+  SLURMD_TIMEOUT="${VIDEOFEAT_SLURMD_TIMEOUT:-6}"
   INSTALL_CONF=0
 fi
 # Every client command below (sinfo, scontrol, squeue, scancel) talks to this cluster only.
@@ -206,7 +206,9 @@ CONF
   for i in "${!NODE_NAMES[@]}"; do
     echo "NodeName=${NODE_NAMES[$i]} NodeAddr=${NODE_ADDRS[$i]} Port=${NODE_PORTS[$i]} ${hw} RealMemory=${real_mb} State=UNKNOWN"
   done
-  echo "PartitionName=local Nodes=$names Default=YES MaxTime=INFINITE State=UP"
+  # LLN: each job goes to the least loaded node, so the tasks of an array spread over the nodes
+  # (instead of filling the first node's CPUs) as they would over a busy cluster's free nodes.
+  echo "PartitionName=local Nodes=$names Default=YES MaxTime=INFINITE State=UP LLN=YES"
 }
 
 write_conf() {

@@ -70,6 +70,16 @@ def node_states() -> dict[str, str]:
     return dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
 
 
+def jobcomp_records(state_dir: str = TWO_NODE_DIR) -> list[dict[str, str]]:
+    """The cluster's jobcomp file: one ``{field: value}`` per finished job or array task attempt
+    (there is no accounting database, so ``sacct`` has nothing)."""
+    path = os.path.join(state_dir, "jobcomp.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in handle]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
     """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -84,7 +84,7 @@ def time_pipeline(workdir: str, num_clips: int, epochs: int, batch: int, num_wor
     from videofeat.launcher.cli import parse_command
     from videofeat.launcher.finetune import build_config
     from videofeat.workers.decode.synthetic import write_action_video
-    from videofeat.workers.finetune.collectives import DistEnv
+    from videofeat.workers.distributed import Distributed
     from videofeat.workers.finetune.loop import Trainer
 
     root = Path(workdir)
@@ -100,7 +100,7 @@ def time_pipeline(workdir: str, num_clips: int, epochs: int, batch: int, num_wor
     args, _ = parse_command("finetune", ["--recipe", "cpu-test", "--train-list", str(listing), "-o", str(out),
                                          "--epochs", str(epochs), "--batch-size", str(batch), "--num-workers",
                                          str(num_workers), "--no-progress", "--log-every", "1000"])
-    trainer = Trainer(build_config(args), DistEnv())
+    trainer = Trainer(build_config(args), Distributed())
     trainer.run()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["clips_per_s"] for r in records if r["event"] == "train"]

@@ -18,10 +18,9 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from videofeat.manifests.ledger import RunDir
+from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.shard_io import ShardWriter, shard_schema
 
 SPAN, HOP, FPS, CLASSES = 32, 16, 30.0, 16
@@ -34,7 +33,8 @@ def build_run(root: str, shards: int, videos_per_shard: int, windows: int, dim: 
     run = RunDir(os.path.join(root, "run"))
     manifest = os.path.join(root, "manifest.parquet")
     run.initialize({"bench": shards}, {"preset": {"span": SPAN, "hop": HOP, "num_frames": 16, "step": 2}},
-                   extra={"manifest": manifest, "views": ["rear"], "feature_dim": dim, "num_classes": CLASSES})
+                   extra={"manifest": manifest, "views": ["rear"], "feature_dim": dim, "num_classes": CLASSES,
+                          "sampling": {"span": SPAN, "hop": HOP, "num_frames": 16, "step": 2}})
     fingerprint = run.fingerprint()
     smallest = None
     idx = np.arange(windows)
@@ -61,18 +61,12 @@ def build_run(root: str, shards: int, videos_per_shard: int, windows: int, dim: 
         smallest = size if smallest is None else min(smallest, size)
         run.commit_shard(shard_id, tmp, {"shard_id": shard_id, "fingerprint": fingerprint, "seconds": 1.0,
                                          "windows": windows * videos_per_shard, "videos": records})
-    schema = pa.schema([("video_id", pa.string()), ("session_id", pa.string()), ("view", pa.string()),
-                        ("status", pa.string()), ("num_frames", pa.int64()), ("fps", pa.float64()),
-                        ("duration_s", pa.float64()), ("shard_id", pa.int32()), ("piece_index", pa.int32()),
-                        ("num_pieces", pa.int32()), ("piece_start_frame", pa.int64()),
-                        ("piece_end_frame", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    write_manifest(rows, manifest)
     return run.url, int(smallest or 0)
 
 
 _CHILD = """
 import json, resource, sys, time
-import pyarrow as pa
 from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 began = time.monotonic()
 summary = reduce_run(ReduceConfig(sys.argv[1], marker_wait_s=0))

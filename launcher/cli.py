@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from videofeat.launcher.args import apply_config_defaults, find_config
+
 # name -> (module, one-line help, example)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "manifest": ("videofeat.launcher.manifest_cmd", "discover and probe videos, write a sharded manifest",
@@ -56,35 +58,6 @@ def _available_commands() -> dict[str, tuple[str, str, str]]:
     return {name: row for name, row in COMMANDS.items() if importlib.util.find_spec(row[0]) is not None}
 
 
-def load_toml(path: str) -> dict:
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:  # pragma: no cover - older Pythons
-        import tomli as tomllib
-    with open(path, "rb") as handle:
-        data = tomllib.load(handle)
-    return {key.replace("-", "_"): value for key, value in data.items()}
-
-
-def apply_config_defaults(parser: argparse.ArgumentParser, config_path: Optional[str]) -> None:
-    """Let a TOML file supply any flag of ``parser``; unknown keys are an error naming the file."""
-    if not config_path:
-        return
-    values = load_toml(config_path)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"{config_path}: unknown option(s) {', '.join(unknown)}; "
-                         f"valid keys are the command's flags ({', '.join(sorted(known - {'help'}))})")
-    parser.set_defaults(**values)
-    # A required positional or option supplied by the file is no longer required.
-    for action in parser._actions:
-        if action.dest in values:
-            action.required = False
-            if action.nargs is None and not action.option_strings:
-                action.nargs = "?"
-
-
 def build_command_parser(name: str, prog: str = "videofeat") -> tuple[argparse.ArgumentParser, object]:
     module_name, help_text, example = COMMANDS[name]
     module = importlib.import_module(module_name)
@@ -101,18 +74,15 @@ def build_command_parser(name: str, prog: str = "videofeat") -> tuple[argparse.A
 
 def parse_command(name: str, argv: Sequence[str], prog: str = "videofeat"):
     parser, module = build_command_parser(name, prog)
-    config_path = _find_config(argv)
+    config_path = find_config(argv)
     apply_config_defaults(parser, config_path)
+    if getattr(module, "PASSES_WORKER_ARGS", False):
+        # A submitting command (videofeat slurm) defines its own flags; what is left over is the
+        # worker's command line, which the worker's own parser checks (launcher/slurm/command.py).
+        args, rest = parser.parse_known_args(list(argv))
+        args.worker_args = rest
+        return args, module
     return parser.parse_args(list(argv)), module
-
-
-def _find_config(argv: Sequence[str]) -> Optional[str]:
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def _top_level_help(commands: dict[str, tuple[str, str, str]]) -> str:
@@ -139,8 +109,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
         return 2
     args, module = parse_command(name, rest)
+    return run_command(name, module, args)
+
+
+def run_command(name: str, module: object, args: argparse.Namespace) -> int:
+    """Run one command: the one place where bad input becomes a message and exit status 2.
+
+    Used by ``videofeat`` and by the torchrun entry points (``launcher/extract.py``,
+    ``launcher/finetune.py``), so a user error reads the same under every launcher.
+    """
     try:
-        return int(module.run(args) or 0)
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
     except _user_errors() as exc:
         # Bad input (a missing file, a wrong flag value, a run directory of another fingerprint):
         # the message names the file and the fix; a traceback would only bury it.

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.demo")
 
@@ -248,7 +249,7 @@ def _validation_note(finetune_dir: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     try:
         if args.small:
             config = DemoConfig(args.output, users=2, sessions=1, seconds=6, epochs=1, finetune=not args.no_finetune)

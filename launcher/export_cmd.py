@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+from videofeat.launcher.logs import init_logger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from videofeat.workers.reduce.export import DatasetNotReady, ExportConfig, export_run
+    from videofeat.workers.reduce.dataset import DatasetNotReady
+    from videofeat.workers.reduce.export import ExportConfig, export_run
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     try:
         config = ExportConfig(run_dir=args.run_dir, output=args.output, format=args.format, prob_key=args.prob_key,
                               split_views=args.split_views, labels=args.labels,

@@ -7,9 +7,8 @@ Also runs under torchrun with the same arguments (ranks claim shards from one fr
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
+from videofeat.launcher.logs import init_logger
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="exact: the preset's seed-exact resize; fast: the decoder's scaler (~4-6/255 off)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--decoder", choices=("pyav", "decord"), default="pyav")
-    decoding.add_argument("--decode-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                          help="decode processes per rank")
+    decoding.add_argument("--decode-procs", type=int, default=None,
+                          help="decode processes per rank (default: this rank's share of the CPUs it may use, "
+                               "minus one, at most 8)")
     decoding.add_argument("--decode-threads", type=int, default=1, help="decoder threads per decode process")
     decoding.add_argument("--decode-stall-s", type=float, default=120.0,
                           help="kill a decode process that delivers no frame for this long (status timeout)")
@@ -57,20 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-index", type=int, help=argparse.SUPPRESS)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Rank in every line; INFO on local rank 0, warnings only from the other ranks."""
-    rank, local_rank = os.environ.get("RANK", "0"), int(os.environ.get("LOCAL_RANK", "0"))
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.DEBUG if verbose else logging.INFO if local_rank == 0 else logging.WARNING)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
-                                           "%H:%M:%S"))
-    root.handlers = [handler]
-
-
 def build_config(args: argparse.Namespace):
     from videofeat.manifests.views import parse_views
+    from videofeat.workers.decode.pool import default_decode_procs
     from videofeat.workers.extract.loop import ExtractConfig
     from videofeat.workers.extract.setup import parse_checkpoints
 
@@ -78,40 +67,35 @@ def build_config(args: argparse.Namespace):
         manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
         checkpoints=parse_checkpoints(args.checkpoint), views=parse_views(args.views), span=args.span, hop=args.hop,
         num_frames=args.num_frames, frame_step=args.frame_step, size=args.size, resize=args.resize,
-        decoder=args.decoder, decode_procs=args.decode_procs, decode_threads=args.decode_threads,
+        decoder=args.decoder, decode_procs=args.decode_procs or default_decode_procs(), decode_threads=args.decode_threads,
         decode_stall_s=args.decode_stall_s, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         feature_dtype=args.feature_dtype, max_attempts=args.max_attempts, rerun_failed=args.rerun_failed,
         overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
+    init_logger(args.verbose)
     if (args.plan is None) != (args.task_index is None):
         print("videofeat extract: --plan and --task-index go together", file=sys.stderr)
         return 2
+    config = build_config(args)
     try:
-        config = build_config(args)
         shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
-    except ValueError as exc:
-        print(f"videofeat extract: {exc}", file=sys.stderr)
-        return 2
-    from videofeat.manifests.ledger import FingerprintMismatch
+    except ValueError:
+        raise ValueError(f"--shards takes comma-separated shard ids, got {args.shards!r}") from None
     from videofeat.workers.extract.loop import run_extraction
 
-    try:
-        return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
-    except (FingerprintMismatch, FileNotFoundError, ValueError) as exc:
-        logging.getLogger("videofeat.extract").error("%s", exc)
-        return 2
+    return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
 
 
 def main(argv=None) -> int:
+    """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.cli import parse_command, run_command
 
-    args, _ = parse_command("extract", sys.argv[1:] if argv is None else argv)
-    return int(record(run)(args) or 0)
+    args, module = parse_command("extract", sys.argv[1:] if argv is None else argv)
+    return record(run_command)("extract", module, args)
 
 
 if __name__ == "__main__":

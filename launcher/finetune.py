@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Optional, Sequence
 
 from videofeat.launcher.finetune_recipes import RECIPES, resolve
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.finetune")
 
@@ -151,20 +151,9 @@ def build_config(args: argparse.Namespace) -> Any:
         progress=bool(v["progress"]), sampling=sampling, augment=augment, optim=optim)
 
 
-def _setup_logging(level: str) -> None:
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    logging.basicConfig(level=level.upper() if local_rank == "0" else "WARNING",
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
-
-
 def run(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
-    try:
-        cfg = build_config(args)
-    except (ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    init_logger(level=args.log_level)
+    cfg = build_config(args)
     from videofeat.workers.finetune.loop import run_training
 
     result = run_training(cfg)
@@ -176,14 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command
+    from videofeat.launcher.cli import parse_command, run_command
 
-    @record
-    def _main() -> int:
-        args, _ = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
-        return run(args)
-
-    return _main()
+    args, module = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
+    return record(run_command)("finetune", module, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _format(info: dict) -> str:
     arch = info["arch"]
-    heads = arch.get("num_heads") or "unknown (pass --num-heads when loading)"
+    heads = arch.get("num_heads") or "unknown (not in the file: --model auto cannot load it, name a registered --model)"
     grid = ""
     if "num_frames" in arch and "img_size" in arch:
         grid = f", recorded clip {arch['num_frames']}x{arch['img_size']}"

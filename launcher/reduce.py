@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from typing import Optional, Sequence
+from videofeat.launcher.logs import init_logger
 
 log = logging.getLogger("videofeat.reduce")
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, format_summary, reduce_run
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     try:
         config = ReduceConfig(run_dir=args.run_dir, output=args.output, manifest=args.manifest,
                               allow_partial=args.allow_partial, marker_wait_s=args.marker_wait)

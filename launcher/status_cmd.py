@@ -8,7 +8,6 @@ from videofeat.launcher.slurm.records import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
-from videofeat.workers.reduce.run_record import load_run_info, rerun_command
 
 LOG_TAIL_LINES = 5
 
@@ -84,13 +83,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
     pending = [r for r in records if r.state != DONE]
     if pending or transient:
-        info = load_run_info(run_dir)
+        info = run_dir.load_record()
     if pending:
-        print("rerun what is missing or failed with:\n  " + rerun_command(info))
+        print("rerun what is missing or failed with:\n  " + info.rerun_command())
         if latest_submission(run_dir):
             print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(args.run_dir)}")
     if transient:
-        print("recompute the shards whose videos failed transiently with:\n  " + rerun_command(info, rerun_failed=True))
+        print("recompute the shards whose videos failed transiently with:\n  " + info.rerun_command(rerun_failed=True))
     if not pending and not transient:
         print("all shards are done; next: videofeat reduce " + shlex.quote(args.run_dir))
     return 0

@@ -6,12 +6,10 @@ import json
 import os
 import time
 import uuid
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
-
-T = TypeVar("T")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -62,25 +60,6 @@ def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> Non
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as handle:
         return json.loads(handle.read().decode())
-
-
-# Errors that a networked or shared filesystem raises for a moment and then stops raising.
-TRANSIENT_IO_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, BlockingIOError)
-
-
-def retry_io(fn: Callable[[], T], attempts: int = 4, first_delay_s: float = 0.5,
-             errors: tuple[type[BaseException], ...] = TRANSIENT_IO_ERRORS) -> T:
-    """Retry only known-transient I/O errors, with bounded exponential backoff."""
-    delay = first_delay_s
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except errors:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
 
 
 def exists_with_backoff(fs: fsspec.AbstractFileSystem, path: str, budget_s: float) -> bool:

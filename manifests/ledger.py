@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from videofeat.manifests import fsutil
 from videofeat.manifests.fingerprint import compute_fingerprint, describe_difference
+from videofeat.manifests.run_record import RunRecord
 from videofeat.manifests.status import TRANSIENT
 
 # Shard states, as `videofeat status` and the planners use them.
@@ -76,6 +77,9 @@ class ShardRecord:
     last_failure: Optional[dict] = None
     stats: Optional[dict] = None
     logs: tuple[str, ...] = ()
+    # The newest attempt left a log but neither a marker nor a failure record: its process was
+    # killed or its node lost (a late marker on a shared filesystem is the other explanation).
+    killed: bool = False
 
     @property
     def transient_videos(self) -> list[dict]:
@@ -176,6 +180,14 @@ class RunDir:
         fsutil.write_json_atomic(self.fs, self.run_json, record)
         return record
 
+    def load_record(self) -> RunRecord:
+        """run.json as a typed record; a clear error where there is none."""
+        body = self.load_run()
+        if body is None:
+            raise FileNotFoundError(f"{self.run_json} does not exist: is {self.url} a videofeat run "
+                                    "directory? (`videofeat extract MANIFEST -o RUN_DIR` creates one)")
+        return RunRecord.from_json(body, self.url)
+
     def fingerprint(self) -> str:
         run = self.load_run()
         if run is None:
@@ -247,6 +259,7 @@ class RunDir:
             last_failure = None
             if attempts and failures and failures[-1] == attempts[-1]:
                 last_failure = fsutil.optional_read_json(self.fs, self.failure_path(shard_id, failures[-1]))
+            killed = bool(attempts) and last_failure is None
             if not attempts:
                 state = MISSING
             elif last_failure is None or last_failure.get("kind") == "interrupted":
@@ -261,7 +274,7 @@ class RunDir:
                              if (fsutil.optional_read_json(self.fs, self.failure_path(shard_id, a)) or {})
                              .get("kind") == "error")
                 state = GAVE_UP if errors >= max_attempts else FAILED
-            out.append(ShardRecord(shard_id, state, len(attempts), last_failure, None, logs))
+            out.append(ShardRecord(shard_id, state, len(attempts), last_failure, None, logs, killed))
         return out
 
     def plan_incomplete(self, shard_ids: Iterable[int], policy: RerunPolicy = RerunPolicy()) -> list[int]:

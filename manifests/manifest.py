@@ -21,6 +21,7 @@ from videofeat.manifests import fsutil
 from videofeat.manifests.discover import DiscoveredVideo
 from videofeat.manifests.shards import ShardingConfig, WorkUnit, assign_shards, whole_video_unit
 from videofeat.manifests.status import OK, TOO_SHORT
+from videofeat.manifests.windows import PRESET_SAMPLING
 
 METADATA_KEY = b"videofeat.manifest"
 DEFAULT_MIN_FRAMES = 32
@@ -43,6 +44,76 @@ CROP_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h")
 
 class ManifestError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest row (a whole video or one piece of it), with its derived values resolved once.
+
+    Field names are the column names. ``piece_end_frame`` is always set (the video's frame count
+    for a whole video); ``fps`` is exact (``fps_num / fps_den``) where the probe found a rational
+    rate; ``crop`` is the box or None.
+    """
+
+    video_id: str
+    session_id: str
+    view: str
+    uri: str
+    num_frames: int
+    status: str
+    user_id: Optional[str] = None
+    fps_num: Optional[int] = None
+    fps_den: Optional[int] = None
+    fps_float: Optional[float] = None
+    start_time_s: Optional[float] = None
+    duration_s: Optional[float] = None
+    vfr: bool = False
+    width: Optional[int] = None
+    height: Optional[int] = None
+    codec: Optional[str] = None
+    size_bytes: Optional[int] = None
+    error: Optional[str] = None
+    crop: Optional[tuple[int, int, int, int]] = None
+    shard_id: Optional[int] = None
+    piece_index: int = 0
+    num_pieces: int = 1
+    piece_start_frame: int = 0
+    piece_end_frame: int = 0
+
+    @classmethod
+    def from_mapping(cls, row: Mapping[str, Any]) -> "ManifestRow":
+        num_frames = int(row.get("num_frames") or 0)
+        box = tuple(row.get(k) for k in CROP_FIELDS)
+        end = row.get("piece_end_frame")
+        shard = row.get("shard_id")
+        return cls(
+            video_id=row["video_id"], session_id=row.get("session_id") or row["video_id"], view=row["view"],
+            uri=row["uri"], num_frames=num_frames, status=row["status"], user_id=row.get("user_id"),
+            fps_num=row.get("fps_num"), fps_den=row.get("fps_den"), fps_float=row.get("fps"),
+            start_time_s=row.get("start_time_s"), duration_s=row.get("duration_s"), vfr=bool(row.get("vfr")),
+            width=row.get("width"), height=row.get("height"), codec=row.get("codec"),
+            size_bytes=row.get("size_bytes"), error=row.get("error"),
+            crop=None if any(v is None for v in box) else tuple(int(v) for v in box),  # type: ignore[arg-type]
+            shard_id=None if shard is None else int(shard), piece_index=int(row.get("piece_index") or 0),
+            num_pieces=int(row.get("num_pieces") or 1), piece_start_frame=int(row.get("piece_start_frame") or 0),
+            piece_end_frame=num_frames if end is None else int(end),
+        )
+
+    @property
+    def fps(self) -> float:
+        """The exact frame rate where the probe found one, else its float estimate."""
+        if self.fps_num and self.fps_den:
+            return self.fps_num / self.fps_den
+        return float(self.fps_float or 0.0)
+
+    @property
+    def piece_stop(self) -> Optional[int]:
+        """The piece's end frame, or None when it runs to the end of the video (whatever its real length)."""
+        return None if self.piece_end_frame >= self.num_frames else self.piece_end_frame
+
+    @property
+    def piece_frames(self) -> int:
+        return self.piece_end_frame - self.piece_start_frame
 
 
 @dataclass(frozen=True)
@@ -150,6 +221,11 @@ def read_manifest(path: str) -> pa.Table:
     return table
 
 
+def read_manifest_rows(table_or_path: pa.Table | str) -> list[ManifestRow]:
+    table = read_manifest(table_or_path) if isinstance(table_or_path, str) else table_or_path
+    return [ManifestRow.from_mapping(row) for row in table.to_pylist()]
+
+
 def manifest_metadata(table_or_path: pa.Table | str) -> dict:
     table = read_manifest(table_or_path) if isinstance(table_or_path, str) else table_or_path
     return json.loads(table.schema.metadata[METADATA_KEY])
@@ -157,21 +233,6 @@ def manifest_metadata(table_or_path: pa.Table | str) -> dict:
 
 def manifest_fingerprint(table_or_path: pa.Table | str) -> str:
     return manifest_metadata(table_or_path)["fingerprint"]
-
-
-def shard_ids_for_views(table: pa.Table, views: Optional[Sequence[str]] = None) -> list[int]:
-    """Every shard of the given views (all views when None), ascending."""
-    rows = table.select(["view", "shard_id"]).to_pylist()
-    return sorted({r["shard_id"] for r in rows if r["shard_id"] is not None and (not views or r["view"] in views)})
-
-
-def windows_for(num_frames: int, span: int, hop: int) -> int:
-    """T = max(0, floor((N - span) / hop) + 1): the window count of a video of N frames."""
-    return max(0, (num_frames - span) // hop + 1)
-
-
-# Window geometry of the named presets, for estimates made before any preset is chosen.
-PRESET_WINDOWS = {"aicity-vitl": (32, 16), "aicity-vith": (32, 16), "videomae-16x4": (64, 16)}
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict:
@@ -183,7 +244,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict:
     by_view: dict[str, dict[str, int]] = {}
     seconds = 0.0
     vfr = 0
-    windows = {name: 0 for name in PRESET_WINDOWS}
+    windows = {name: 0 for name in PRESET_SAMPLING}
     for row in videos.values():
         by_status[row["status"]] = by_status.get(row["status"], 0) + 1
         view_counts = by_view.setdefault(row["view"], {})
@@ -191,8 +252,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict:
         if row["status"] == OK:
             seconds += float(row["duration_s"] or 0.0)
             vfr += bool(row["vfr"])
-            for name, (span, hop) in PRESET_WINDOWS.items():
-                windows[name] += windows_for(int(row["num_frames"]), span, hop)
+            for name, sampling in PRESET_SAMPLING.items():
+                windows[name] += sampling.num_windows(int(row["num_frames"]))
     loads: dict[int, int] = {}
     for row in rows:
         if row["shard_id"] is not None:

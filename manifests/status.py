@@ -28,14 +28,6 @@ TRANSIENT = frozenset({TIMEOUT, CRASHED, DECODE_ERROR})
 HAS_WINDOWS = frozenset({OK, FRAME_COUNT_MISMATCH})
 
 
-def is_permanent(status: str) -> bool:
-    return status in PERMANENT
-
-
-def is_transient(status: str) -> bool:
-    return status in TRANSIENT
-
-
 def describe_exit(exitcode: Optional[int]) -> str:
     """How a child process ended, for a ``crashed`` record: ``SIGSEGV``, ``exit code 3``."""
     if exitcode is not None and exitcode < 0:
@@ -69,7 +61,3 @@ class VideoRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "VideoRecord":
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})

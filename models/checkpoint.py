@@ -21,9 +21,9 @@ from typing import Any, Mapping, Optional, Union
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as load_safetensors_bytes
 
-from videofeat.models.registry import HEADS_BY_DIM
-from videofeat.models.videomae import arch_from_state_dict, filter_state_dict
+from videofeat.models.videomae import HEADS_BY_DIM, FilterReport, arch_from_state_dict, filter_state_dict
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "read_checkpoint", "inspect_checkpoint",
            "save_checkpoint", "sha256_of", "SAFE_GLOBALS"]
@@ -85,33 +85,62 @@ def resolve_checkpoint_file(path: PathLike) -> tuple[fsspec.AbstractFileSystem, 
 
 
 def _load_torch(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    local_zip = isinstance(fs, LocalFileSystem) and zipfile.is_zipfile(path)
+    if not local_zip and _is_plain_pickle(fs, path):
+        # Refused before torch sees it: torch's own text for a refused pickle advises turning
+        # weights_only off, which must never reach a user.
+        raise CheckpointError(
+            f"{path}: a plain Python pickle (written with pickle.dump, not torch.save); unpickling it "
+            "could run any code it holds, so videofeat cannot load it. Have it re-saved from the code "
+            "that made it with torch.save(model.state_dict(), 'weights.pth') or "
+            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            if isinstance(fs, LocalFileSystem) and zipfile.is_zipfile(path):
+            if local_zip:
                 # mmap: multi-GB files with optimizer state cost no memory for what we skip
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             with fs.open(path, "rb") as handle:
                 return torch.load(handle, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    except (OSError, MemoryError):
+        raise  # storage trouble, not a bad file: raised unchanged, never reported as a bad checkpoint
+    except Exception as err:  # garbage input fails anywhere in the unpickler (IndexError, ...)
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
         if found:
             raise CheckpointError(
                 f"{path}: holds the Python object {found.group(1)}, which videofeat will not unpickle "
                 "(only tensors, plain containers and argparse.Namespace are allowed); re-save the "
                 "weights alone, e.g. torch.save(state_dict, ...)") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from None
-    except (OSError, MemoryError):
-        raise  # storage trouble, not a bad file: let the caller's retry logic see it
-    except Exception as err:  # garbage input fails anywhere in the unpickler (IndexError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or not a checkpoint "
-                              f"file ({_first_line(err)})") from None
+                              f"file ({_unpickler_reason(err)})") from None
+
+
+#: What ``torch.save`` writes first in its legacy (pre-zip) format: the pickled magic number.
+_LEGACY_TORCH_HEAD = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def _is_plain_pickle(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A pickle stream (PROTO opcode first) that is neither torch's zip nor its legacy format."""
+    try:
+        with fs.open(path, "rb") as handle:
+            head = handle.read(len(_LEGACY_TORCH_HEAD))
+    except OSError:
+        return False  # torch.load then meets the same storage error and raises it as it is
+    return head[:1] == pickle.PROTO and not head.startswith(_LEGACY_TORCH_HEAD)
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The cause of a failed load, without torch's advice to load with weights_only=False."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line and "torch.load" not in line]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def _load_safetensors(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as load_bytes
-
     try:
-        return load_bytes(fs.cat_file(path))
+        return load_safetensors_bytes(fs.cat_file(path))
     except Exception as err:  # safetensors raises its own SafetensorError and others
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
 
@@ -178,7 +207,7 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
                             hf_config=_hf_config_beside(fs, file))
 
 
-def read_filtered(path: PathLike) -> tuple[LoadedCheckpoint, dict, Any, dict]:
+def read_filtered(path: PathLike) -> tuple[LoadedCheckpoint, dict[str, torch.Tensor], FilterReport, dict[str, Any]]:
     """(checkpoint, filtered state dict, filter report, shapes-derived architecture)."""
     ckpt = read_checkpoint(path)
     state_dict, report = filter_state_dict(ckpt.state_dict)
@@ -263,6 +292,8 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> Non
     }
     for key, value in extra.items():
         _check_plain(value, repr(key))
+    # Written here rather than through manifests.fsutil's atomic writer: models/ imports nothing
+    # of ours but its own layers. Same protocol: a temporary name, fsync, one rename.
     fs, target = fsspec.core.url_to_fs(os.fspath(path))
     tmp = f"{target}.tmp-{os.getpid()}"
     parent = target.rsplit("/", 1)[0] if "/" in target else ""

@@ -19,7 +19,8 @@ from torch import nn
 from videofeat.models.layers import Block, PatchEmbed3d, resample_pos_embed, sinusoid_table
 from videofeat.models.registry import register_model
 
-__all__ = ["VideoMAEArch", "VideoMAEViT", "checkpoint_filter_fn", "filter_state_dict", "arch_from_state_dict"]
+__all__ = ["HEADS_BY_DIM", "LAYER_GROUPS", "VideoMAEArch", "VideoMAEViT", "checkpoint_filter_fn", "filter_state_dict",
+           "arch_from_state_dict", "model_arch", "registered_name_of"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,13 @@ class VideoMAEArch:
     def from_dict(cls, record: dict[str, Any]) -> "VideoMAEArch":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in known})
+
+
+#: timm ``group_matcher`` of the seed's layer layout (BEiT / VideoMAE ``get_num_layer_for_vit``):
+#: the embedding is layer 0, ``blocks.j`` layer j+1, and what no pattern matches (``norm``,
+#: ``fc_norm``, ``head``) the last layer, at full lr. Unlike timm's own ViT matcher, ``norm``
+#: is not merged into the last block: the seed fine-tunes it at full lr.
+LAYER_GROUPS: dict[str, Any] = dict(stem=r"^(?:patch_embed|pos_embed|cls_token)", blocks=r"^blocks\.(\d+)\.")
 
 
 class VideoMAEViT(nn.Module):
@@ -157,6 +165,13 @@ class VideoMAEViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} if isinstance(self.pos_embed, nn.Parameter) else set()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter layers for timm's layer-wise lr decay: :data:`LAYER_GROUPS`.
+
+        A block is the finest and the coarsest unit here, so ``coarse`` changes nothing.
+        """
+        return dict(LAYER_GROUPS)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Token features of the last block (after ``norm``), shape (B, N, D)."""
@@ -326,6 +341,10 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: VideoMAEViT,
 # ---------------------------------------------------------------------------------------------
 # cfg table, builder, entry points
 
+#: Head counts of the standard VideoMAE / VideoMAE V2 sizes, by embed dim. The head count is in
+#: no tensor shape, so checkpoints without videofeat's ``arch`` record fall back to this table.
+HEADS_BY_DIM: dict[int, int] = {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+
 _CFGS: dict[str, dict[str, Any]] = {
     # VideoMAE (NeurIPS 2022), Table: ViT-S/B/L/H, 16x224, tubelet 2x16x16
     "videomae_vit_small_patch16_224": dict(embed_dim=384, depth=12, num_heads=6),
@@ -349,6 +368,23 @@ def model_arch(name: str, **overrides: Any) -> VideoMAEArch:
     if unknown:
         raise TypeError(f"{name}: unknown option(s) {', '.join(unknown)}")
     return VideoMAEArch(**{"name": name, **_CFGS[name], **overrides})
+
+
+def registered_name_of(arch: VideoMAEArch) -> Optional[str]:
+    """The registered model whose structure ``arch`` has (clip shape and head aside), if any."""
+    keys = ("embed_dim", "depth", "num_heads", "mlp_hidden", "patch_size", "tubelet_size", "in_chans",
+            "qkv_bias", "learned_pos_embed", "global_pool")
+    for name in _CFGS:
+        candidate = model_arch(name)
+        if all(getattr(candidate, k) == getattr(arch, k) for k in keys) and \
+                (candidate.init_values > 0) == (arch.init_values > 0):
+            return name
+    return None
+
+
+def names_with_embed_dim(dim: int) -> list[str]:
+    """Registered models of embed dim ``dim`` (their cfg says the head count shapes do not)."""
+    return [name for name in _CFGS if model_arch(name).embed_dim == dim]
 
 
 def _create_videomae(name: str, use_checkpoint: bool = False, **kwargs: Any) -> VideoMAEViT:

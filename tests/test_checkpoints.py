@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,8 @@ def test_transformers_without_config_and_pretraining(tmp_path: Path) -> None:
 
     hf = hf_classifier(num_labels=3)
     path = write_hf(tmp_path / "bare", hf, fmt="bin", with_config=False)
-    with pytest.raises(CheckpointError, match="--num-heads"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot tell the number of attention heads.*"
+                                              r"--model videomae_test"):
         create_model("auto", checkpoint=path, **TINY)
     with torch.no_grad():
         model = create_model("videomae_test", checkpoint=path)
@@ -144,8 +146,13 @@ def test_named_model_that_does_not_fit(tmp_path: Path) -> None:
 
 def test_missing_head_count_asks_for_it(tmp_path: Path) -> None:
     path = write_module_only(tmp_path / "odd.pt", tiny_model())
-    with pytest.raises(CheckpointError, match=r"odd\.pt.*--num-heads"):
+    with pytest.raises(CheckpointError, match=r"odd\.pt.*--model videomae_test") as refused:
         create_model("auto", checkpoint=path, **TINY)
+    assert "--num-heads" not in str(refused.value)  # no command has that flag
+    # Both ways out the message gives work: the named model, and re-saving with the record.
+    assert create_model("videomae_test", checkpoint=path).arch["num_heads"] == 2
+    save_checkpoint(tmp_path / "recorded.pth", create_model("auto", checkpoint=path, num_heads=2, **TINY))
+    assert create_model("auto", checkpoint=tmp_path / "recorded.pth").arch["num_heads"] == 2
 
 
 def test_strict_load_names_missing_and_unexpected_keys(tmp_path: Path) -> None:
@@ -190,6 +197,53 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
         create_model("auto", checkpoint=tmp_path / "resnet.pth")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         create_model("auto", checkpoint=tmp_path / "absent.pth")
+
+
+def test_integer_weights_are_refused_not_cast(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # Quantised-looking weights: every tensor int8, as a mis-converted export would hold.
+    source = tiny_model().state_dict()
+    ints = tmp_path / "model_int8.safetensors"
+    save_file({k: torch.round(v * 127).to(torch.int8).contiguous() for k, v in source.items()}, str(ints))
+    for name in ("videomae_test", "auto"):
+        with pytest.raises(CheckpointError, match=r"model_int8\.safetensors: \d+ tensor\(s\) hold int8 values") as err:
+            create_model(name, checkpoint=ints, num_heads=2, **TINY) if name == "auto" else \
+                create_model(name, checkpoint=ints)
+        assert "blocks.0.attn.qkv.weight" in str(err.value)
+    assert inspect_checkpoint(ints)["dtypes"] == {"int8": len(source)}  # still inspectable
+
+    # One integer tensor among floats, in a plain state-dict file: only that key is named.
+    mixed = dict(source, **{"head.weight": source["head.weight"].round().long()})
+    torch.save(mixed, tmp_path / "one_int.pth")
+    with pytest.raises(CheckpointError, match=r"one_int\.pth: 1 tensor\(s\) hold int64 values.*\[head\.weight\]"):
+        create_model("videomae_test", checkpoint=tmp_path / "one_int.pth")
+    # Narrower floats are the mixed-precision norm and still load.
+    torch.save({k: v.half() for k, v in source.items()}, tmp_path / "fp16.pth")
+    assert create_model("videomae_test", checkpoint=tmp_path / "fp16.pth").head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_plain_pickle_refusal_never_suggests_disabling_weights_only(tmp_path: Path, capsys, protocol: int) -> None:
+    from videofeat.launcher.cli import main
+
+    path = tmp_path / "weights.pkl"
+    with path.open("wb") as handle:
+        pickle.dump(tiny_model().state_dict(), handle, protocol=protocol)
+    with pytest.raises(CheckpointError) as err:
+        create_model("videomae_test", checkpoint=path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: a plain Python pickle") and "torch.save(model.state_dict()" in message
+    assert main(["inspect", str(path)]) == 1
+    printed = capsys.readouterr().err
+    assert "weights.pkl: a plain Python pickle" in printed
+    # Neither the plain pickle nor a torch.save file holding a foreign object relays torch's hint.
+    legacy_evil = tmp_path / "legacy_evil.pth"
+    torch.save({"model": {}, "extra": NotAllowed()}, legacy_evil, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy_evil\.pth: holds the Python object .*NotAllowed") as evil:
+        inspect_checkpoint(legacy_evil)
+    for text in (message, printed, str(evil.value)):
+        assert "weights_only" not in text and "will likely succeed" not in text
 
 
 @pytest.mark.parametrize("overrides", [{}, {"learned_pos_embed": True, "init_values": 0.1}])

@@ -14,7 +14,8 @@ import pytest
 from test_reduce import Video, basic_videos, features_for, make_run, write_shard
 
 from videofeat.manifests.labels import write_labels
-from videofeat.workers.reduce.export import DatasetNotReady, ExportConfig, export_run
+from videofeat.workers.reduce.dataset import DatasetNotReady
+from videofeat.workers.reduce.export import ExportConfig, export_run
 from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 
 

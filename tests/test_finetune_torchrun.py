@@ -76,7 +76,7 @@ def test_two_rank_evaluation_equals_one_rank(data, straight):
     from videofeat.models import create_model
     from videofeat.workers.finetune.augment import ClipTransform
     from videofeat.workers.finetune.data import ClipDataset, load_segments
-    from videofeat.workers.finetune.collectives import DistEnv
+    from videofeat.workers.distributed import Distributed
     from videofeat.workers.finetune.evaluate import evaluate
     from videofeat.workers.finetune.loop import TrainConfig
     from videofeat.launcher.cli import parse_command
@@ -90,7 +90,7 @@ def test_two_rank_evaluation_equals_one_rank(data, straight):
     loader = torch.utils.data.DataLoader(dataset, batch_size=3)
     import contextlib
 
-    one_rank = evaluate(model, loader, 4, torch.device("cpu"), DistEnv(), contextlib.nullcontext)
+    one_rank = evaluate(model, loader, 4, torch.device("cpu"), Distributed(), contextlib.nullcontext)
     two_ranks = [r for r in _metrics(straight) if r["event"] == "val"][-1]
     assert one_rank["count"] == two_ranks["count"] == 11
     assert one_rank["confusion"] == two_ranks["confusion"]

@@ -149,6 +149,30 @@ def test_layer_decay_groups_match_timm():
     assert ours["head.weight"] == (1.0, 0.05) and ours["blocks.0.attn.qkv.bias"][1] == 0.0
 
 
+def test_videomae_group_matcher_gives_the_seeds_layers():
+    from timm.optim import param_groups_layer_decay
+
+    from videofeat.models import create_model
+
+    # Token pooling: the one layout with a final `norm`, which the seed keeps at full lr.
+    model = create_model("videomae_test", num_classes=3, global_pool="token", learned_pos_embed=True,
+                         init_values=0.1)
+    ours = {name: (g["lr_scale"], g["weight_decay"]) for g in param_groups(model, 0.05, 0.75)
+            for name in g["param_names"]}
+    # timm reading the model's own group_matcher gives the same groups.
+    names = {id(p): n for n, p in model.named_parameters()}
+    theirs = {names[id(p)]: (g["lr_scale"], g["weight_decay"])
+              for g in param_groups_layer_decay(model, 0.05, no_weight_decay_list=("pos_embed",), layer_decay=0.75)
+              for p in g["params"]}
+    assert ours == theirs
+    depth = 2  # videomae_test: layers 0 (embedding), 1-2 (blocks), 3 (norm, head)
+    assert ours["patch_embed.proj.weight"] == (0.75 ** (depth + 1), 0.05)
+    assert ours["pos_embed"] == (0.75 ** (depth + 1), 0.0)
+    assert ours["blocks.0.attn.qkv.weight"] == (0.75 ** depth, 0.05)
+    assert ours["blocks.1.gamma_1"] == (0.75, 0.0) and ours["blocks.1.attn.q_bias"] == (0.75, 0.0)
+    assert ours["norm.weight"] == (1.0, 0.0) and ours["head.weight"] == (1.0, 0.05)
+
+
 def test_cosine_schedule_is_the_seeds():
     base, final, epochs, per_epoch, warmup_epochs = 1e-3, 1e-6, 4, 10, 1
     warmup = np.linspace(0, base, warmup_epochs * per_epoch)  # the seed's cosine_scheduler

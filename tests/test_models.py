@@ -21,6 +21,33 @@ def test_registered_names() -> None:
         create_model("videomae_test", depthh=3)
 
 
+def test_models_import_only_models_at_module_level_without_a_circle() -> None:
+    # Read from the source, so a function-local import cannot hide an arrow or a circle.
+    import ast
+    from graphlib import TopologicalSorter
+    from pathlib import Path
+
+    import videofeat.models
+
+    folder = Path(videofeat.models.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        top_level = {id(node) for node in tree.body}
+        ours = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("videofeat")]
+        ours += [node for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 and any(alias.name.startswith("videofeat") for alias in node.names)]
+        for node in ours:
+            module = getattr(node, "module", None) or node.names[0].name
+            assert id(node) in top_level, f"{path.name}:{node.lineno}: function-local import of {module}"
+            assert module.startswith("videofeat.models."), f"{path.name}:{node.lineno} imports {module}"
+        graph[path.stem] = {node.module.rsplit(".", 1)[1] for node in ours} if path.stem != "__init__" else set()
+    order = list(TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+    assert order.index("registry") < order.index("videomae") < order.index("checkpoint") < order.index("factory")
+    assert graph["registry"] == set() and graph["layers"] == set()
+
+
 # VideoMAE paper (Tong et al. 2022), Table on model cost at 16x224: GMACs and parameters (M).
 PAPER_COST = {
     "videomae_vit_base_patch16_224": (180, 87),

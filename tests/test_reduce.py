@@ -16,7 +16,8 @@ import pytest
 
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.status import PERMANENT
-from videofeat.workers.reduce.run_record import expected_windows
+from videofeat.manifests.manifest import write_manifest
+from videofeat.manifests.windows import num_windows as expected_windows
 from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, reduce_run
 from videofeat.workers.shard_io import ShardWriter, read_shard_metadata, shard_schema
 
@@ -125,13 +126,12 @@ def make_run(root, videos: list[Video], dim: int = 8, classes: int = 4, skip: tu
     """A run directory with every shard of ``videos`` committed except those in ``skip``."""
     manifest = os.path.join(root, "manifest.parquet")
     os.makedirs(root, exist_ok=True)
-    pq.write_table(manifest_table(videos), manifest)
+    write_manifest(manifest_table(videos).to_pylist(), manifest)
     run = RunDir(os.path.join(root, "run"))
     run.initialize({"manifest": "m1", "model": "tiny", "views": list(views)},
-                   {"preset": {"name": "test", "span": SPAN, "hop": HOP, "num_frames": 16, "step": 2},
-                    "model": "tiny", "checkpoints": {"rear": "rear.pt", "dashboard": "dash.pt"}},
+                   {"preset": "test", "model": "tiny", "checkpoints": {"rear": "rear.pt", "dashboard": "dash.pt"}},
                    extra={"manifest": manifest, "views": list(views), "feature_dim": dim, "num_classes": classes,
-                          "preset": {"span": SPAN, "hop": HOP, "num_frames": 16, "step": 2}})
+                          "preset": "test", "sampling": {"span": SPAN, "hop": HOP, "num_frames": 16, "step": 2}})
     shards = sorted({s for v in videos for s, *_ in (v.pieces or [(v.shard,)]) if s is not None})
     for shard_id in shards:
         if shard_id not in skip:

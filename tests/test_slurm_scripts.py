@@ -6,7 +6,6 @@ Regenerate the golden files after an intended template change with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from videofeat.launcher.slurm import command as slurm_cmd
 from videofeat.launcher.slurm import arrays as se
 from videofeat.launcher.slurm import records as slurm_info
 from videofeat.launcher.slurm import submit as ss
-from videofeat.launcher.extract import add_arguments as extract_arguments
+from videofeat.launcher.cli import main
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.manifest import write_manifest
 
@@ -124,26 +123,29 @@ def test_parsing_of_cluster_answers():
         ("12", "12", "N/A", True), ("15", "11", "3", True), ("11", "11", "[4-9%2]", True)]
 
 
-def test_worker_argv_round_trips_through_the_extract_parser():
-    parser = argparse.ArgumentParser()
-    extract_arguments(parser)
-    argv = ["m.parquet", "-o", "run", "--checkpoint", "rear=a.pt", "--checkpoint", "dashboard=b.pt", "--span", "16",
-            "--overwrite", "--no-progress", "--batch-size", "4"]
-    args = parser.parse_args(argv)
-    rebuilt = slurm_cmd.worker_argv(extract_arguments, args)
-    assert vars(parser.parse_args(rebuilt)) == vars(args)
-    assert "--plan" not in rebuilt and rebuilt[0] == "m.parquet"
+def test_worker_flags_pass_through_as_typed_and_are_checked_once(tmp_path, capsys):
+    """`videofeat slurm extract` defines only its own flags; the rest is the worker's command line,
+    passed through in order and checked by the worker's own parser before anything is submitted."""
+    manifest, out = _manifest(tmp_path), str(tmp_path / "run")
+    worker = [manifest, "-o", out, "--checkpoint", "rear=a.pt", "--checkpoint", "dashboard=b.pt", "--span", "16",
+              "--overwrite", "--no-progress", "--batch-size", "4", "--model", "videomae_test"]
+    assert main(["slurm", "extract", *worker, "--time", "01:00:00", "--throttle", "2", "--dry-run"]) == 0
+    srun = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun "))
+    assert " ".join(worker) in srun and "--throttle" not in srun and "--time" not in srun
+    # A wrong worker flag is refused here, naming it, before a plan or a script exists.
+    with pytest.raises(SystemExit) as refused:
+        main(["slurm", "extract", manifest, "-o", out, "--spann", "16", "--dry-run"])
+    assert refused.value.code == 2 and "--spann" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
-def test_worker_argv_round_trips_through_the_finetune_parser():
-    finetune = pytest.importorskip("videofeat.launcher.finetune")
-    parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser)
-    argv = ["--recipe", "cpu-test", "-o", "out", "--no-progress", "--compile", "--lr", "0.001", "--epochs", "3"]
-    args = parser.parse_args(argv)
-    rebuilt = slurm_cmd.worker_argv(finetune.add_arguments, args)
-    assert "--no-progress" in rebuilt and "--compile" in rebuilt
-    assert vars(parser.parse_args(rebuilt)) == vars(args)
+def test_finetune_flags_pass_through_to_torchrun(tmp_path, capsys):
+    pytest.importorskip("videofeat.launcher.finetune")
+    worker = ["--recipe", "cpu-test", "-o", str(tmp_path / "ft"), "--no-progress", "--compile", "--lr", "0.001",
+              "--epochs", "3"]
+    assert main(["slurm", "finetune", *worker, "--nodes", "2", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert " ".join(worker) in text and "#SBATCH --nodes=2" in text
 
 
 def _manifest(tmp_path: Path, frames=(40, 48, 56, 64, 72)) -> str:

@@ -7,7 +7,9 @@ initialized and every collective is a no-op, so worker functions run in plain un
 
 Extraction uses collectives only at start-up (one broadcast of the plan id); after that ranks
 claim shards through the rendezvous store's atomic counter, so a slow or dead rank never blocks
-the others.
+the others. Fine-tuning adds the tensor collectives (max, sum, gather) its loop needs.
+
+The CUDA device of a rank is chosen here, and only here (:func:`resolve_device`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,23 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 log = logging.getLogger(__name__)
+
+
+def resolve_device(device: Union[str, torch.device], local_rank: int = 0) -> torch.device:
+    """``auto``: the local rank's GPU when there is one, else the CPU; ``cuda``: the local rank's GPU."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return dev
 
 
 @dataclass(frozen=True)
@@ -50,22 +66,40 @@ class Distributed:
         self.info = info or env_info()
         self.init_method = init_method
         self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.device = torch.device("cpu")
         self._created = False
 
     @property
     def active(self) -> bool:
         return self.info.world_size > 1
 
-    def init(self, device_type: str = "cpu") -> "Distributed":
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.info.local_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    def init(self, device: Union[str, torch.device] = "cpu") -> "Distributed":
+        """Choose this rank's device (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and join the group."""
+        self.device = resolve_device(device, self.info.local_rank)
         if not self.active:
             return self
-        import torch
         import torch.distributed as dist
 
-        if device_type == "cuda":
-            torch.cuda.set_device(self.info.local_rank % torch.cuda.device_count())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            backend = "nccl" if device_type == "cuda" else "gloo"
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.init_method is None and "MASTER_ADDR" not in os.environ:
                 raise RuntimeError("world size > 1 but no MASTER_ADDR: launch with torchrun (or srun with "
                                    "MASTER_ADDR/MASTER_PORT set)")
@@ -99,6 +133,42 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier(group=self._object_group())
+
+    # ----- tensor collectives (identity at world size 1) ---------------------------------------
+    def _tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
+        import torch.distributed as dist
+
+        # nccl reduces device tensors only; gloo host tensors.
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        return torch.as_tensor(value, dtype=dtype, device=device)
+
+    def all_reduce_max(self, value: int) -> int:
+        if not self.active:
+            return int(value)
+        import torch.distributed as dist
+
+        tensor = self._tensor([value], torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        moved = self._tensor(tensor, tensor.dtype).clone()
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(tensor.device)
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        if not self.active:
+            return [tensor]
+        import torch.distributed as dist
+
+        moved = self._tensor(tensor, tensor.dtype).contiguous()
+        out = [torch.empty_like(moved) for _ in range(self.world_size)]
+        dist.all_gather(out, moved)
+        return [t.cpu() for t in out]
 
     def counter(self, key: str) -> "Counter":
         """An atomic counter shared by all ranks (the rendezvous store's ``add``)."""

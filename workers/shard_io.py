@@ -109,8 +109,3 @@ def read_shard_metadata(path: str, filesystem: Any = None) -> dict:
     if METADATA_KEY not in meta:
         raise ValueError(f"{path} is not a videofeat shard (no '{METADATA_KEY.decode()}' metadata)")
     return json.loads(meta[METADATA_KEY])
-
-
-def read_video(parquet_file: pq.ParquetFile, row_groups: Sequence[int]) -> pa.Table:
-    """Only the row groups of one video."""
-    return parquet_file.read_row_groups(list(row_groups))

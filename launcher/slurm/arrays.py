@@ -92,15 +92,13 @@ class ArrayLaunch:
 # ----- planning -----------------------------------------------------------------------------
 def shard_frames(manifest: str, views: Optional[Sequence[str]] = None) -> dict[int, int]:
     """Frames each shard decodes (the sum of its pieces), from the manifest."""
-    from videofeat.manifests.manifest import read_manifest
+    from videofeat.manifests.manifest import read_manifest_rows
 
-    table = read_manifest(manifest).select(["view", "shard_id", "piece_start_frame", "piece_end_frame"])
     frames: dict[int, int] = {}
-    for row in table.to_pylist():
-        if row["shard_id"] is None or (views and row["view"] not in views):
+    for row in read_manifest_rows(manifest):
+        if row.shard_id is None or (views and row.view not in views):
             continue
-        frames[int(row["shard_id"])] = frames.get(int(row["shard_id"]), 0) + int(
-            row["piece_end_frame"] - row["piece_start_frame"])
+        frames[row.shard_id] = frames.get(row.shard_id, 0) + row.piece_frames
     if not frames:
         raise ValueError(f"{manifest} has no ok videos" + (f" for --views {','.join(views)}" if views else ""))
     return frames

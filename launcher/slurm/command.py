@@ -19,14 +19,17 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
+from videofeat.launcher.logs import init_logger
 
 if TYPE_CHECKING:
     from videofeat.launcher.slurm.submit import SbatchOptions
 
 log = logging.getLogger("videofeat.slurm")
 
-_SKIP_DESTS = {"help", "config", "plan", "task_index"}
+# The worker's flags are not defined here: whatever ``parse_known_args`` leaves over is the
+# worker's command line, passed through (see launcher/cli.py).
+PASSES_WORKER_ARGS = True
 
 
 def _sbatch_flags(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
@@ -64,15 +67,16 @@ def _array_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune}")
-    extract = sub.add_parser("extract", help="submit an extraction array and its reducer")
-    from videofeat.launcher import extract as extract_cmd
-
-    extract_cmd.add_arguments(extract)
+    # allow_abbrev=False: a worker flag must never be taken for an abbreviation of a SLURM flag.
+    extract = sub.add_parser("extract", allow_abbrev=False, help="submit an extraction array and its reducer",
+                             usage="videofeat slurm extract MANIFEST -o RUN_DIR [videofeat extract flags] "
+                                   "[SLURM flags]")
     extract.add_argument("--worker-config", metavar="FILE.toml", help="TOML defaults of the extract flags")
     _sbatch_flags(extract)
     _array_flags(extract)
 
-    rerun = sub.add_parser("rerun", help="resubmit failed, interrupted or missing shards with a new reducer")
+    rerun = sub.add_parser("rerun", allow_abbrev=False,
+                           help="resubmit failed, interrupted or missing shards with a new reducer")
     rerun.add_argument("run_dir", metavar="RUN_DIR")
     rerun.add_argument("--rerun-failed", action="store_true",
                        help="also shards that gave up, or whose videos failed transiently")
@@ -80,13 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _sbatch_flags(rerun)
     _array_flags(rerun)
 
-    finetune = sub.add_parser("finetune", help="submit fine-tuning (torchrun under srun, requeued on preemption)")
-    import importlib.util
-
-    if importlib.util.find_spec("videofeat.launcher.finetune") is not None:
-        from videofeat.launcher import finetune as finetune_cmd
-
-        finetune_cmd.add_arguments(finetune)
+    finetune = sub.add_parser("finetune", allow_abbrev=False,
+                              help="submit fine-tuning (torchrun under srun, requeued on preemption)",
+                              usage="videofeat slurm finetune -o OUTPUT [videofeat finetune flags] [SLURM flags]")
     finetune.add_argument("--worker-config", metavar="FILE.toml", help="TOML defaults of the finetune flags")
     _sbatch_flags(finetune)
     group = finetune.add_argument_group("ranks")
@@ -98,52 +98,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-dir", help="job output folder (default OUTPUT/slurm)")
 
 
-def worker_argv(add_args: Callable[[argparse.ArgumentParser], None], args: argparse.Namespace) -> list[str]:
-    """The worker's own command line, rebuilt from the flags it defines that differ from its defaults."""
-    reference = argparse.ArgumentParser(add_help=False)
-    add_args(reference)
-    argv: list[str] = []
-    for action in reference._actions:
-        if action.dest in _SKIP_DESTS or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if not action.option_strings:
-            argv.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-            continue
-        if value == action.default or value is None:
-            continue
-        flag = max(action.option_strings, key=len)
-        if isinstance(action, argparse.BooleanOptionalAction):
-            positive = next(o for o in action.option_strings if not o.startswith("--no-"))
-            argv.append(positive if value else "--no-" + positive[2:])
-        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            argv.append(flag)
-        elif isinstance(action, argparse._CountAction):
-            argv.extend([flag] * int(value))
-        elif isinstance(action, argparse._AppendAction):
-            for item in value:
-                argv.extend([flag, str(item)])
-        elif isinstance(value, (list, tuple)):
-            argv.extend([flag, *map(str, value)])
-        else:
-            argv.extend([flag, str(value)])
-    return argv
+def worker_args(name: str, args: argparse.Namespace) -> tuple[list[str], argparse.Namespace]:
+    """The worker's own command line, passed through as typed, and the worker's parse of it.
 
+    The worker's parser checks it once, here, before anything is submitted: a wrong flag fails
+    now with the worker's own message, not in every array task. ``--worker-config`` becomes the
+    worker's ``--config``.
+    """
+    from videofeat.launcher.cli import parse_command
 
-def _apply_worker_config(args: argparse.Namespace, add_args: Callable) -> None:
-    """Values of ``--worker-config`` fill the worker flags the command line left at their defaults."""
-    if not getattr(args, "worker_config", None):
-        return
-    from videofeat.launcher.cli import load_toml
-
-    reference = argparse.ArgumentParser(add_help=False)
-    add_args(reference)
-    defaults = {a.dest: a.default for a in reference._actions}
-    for key, value in load_toml(args.worker_config).items():
-        if key not in defaults:
-            raise SystemExit(f"{args.worker_config}: unknown option {key!r} for this worker")
-        if getattr(args, key, None) == defaults[key]:
-            setattr(args, key, value)
+    argv = list(getattr(args, "worker_args", None) or [])
+    if getattr(args, "worker_config", None):
+        argv += ["--config", _absolute_if_local(args.worker_config)]
+    parsed, _ = parse_command(name, argv, prog="videofeat slurm")
+    return argv, parsed
 
 
 def _options(args: argparse.Namespace):
@@ -159,30 +127,30 @@ def _absolute_if_local(path: str) -> str:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from videofeat.launcher import extract as extract_cmd
     from videofeat.manifests.ledger import RerunPolicy, RunDir
     from videofeat.manifests.views import parse_views
 
     from videofeat.launcher.slurm import arrays as se
 
-    _apply_worker_config(args, extract_cmd.add_arguments)
-    args.manifest, args.output = _absolute_if_local(args.manifest), _absolute_if_local(args.output)
+    argv, worker = worker_args("extract", args)
+    # Relative paths in the passed-through flags resolve in the task's --chdir (this directory).
+    manifest, output = _absolute_if_local(worker.manifest), _absolute_if_local(worker.output)
     launch = se.ArrayLaunch(
-        run_dir=args.output, manifest=args.manifest, worker_args=tuple(worker_argv(extract_cmd.add_arguments, args)),
+        run_dir=output, manifest=manifest, worker_args=tuple(argv),
         options=_options(args), throttle=args.throttle, shards_per_task=args.shards_per_task or 1,
         ranks_per_task=args.ranks_per_task or 1,
         max_requeues=3 if args.max_requeues is None else args.max_requeues,
         grace_s=args.grace or se.DEFAULT_GRACE_S, log_dir=args.log_dir,
-        job_name=args.job_name or f"vf-{os.path.basename(args.output.rstrip('/'))}", reduce_time=args.reduce_time)
-    views = parse_views(args.views)
-    frames = se.shard_frames(args.manifest, views)
-    wanted = sorted(frames) if not args.shards else sorted(int(s) for s in args.shards.split(",") if s.strip())
+        job_name=args.job_name or f"vf-{os.path.basename(output.rstrip('/'))}", reduce_time=args.reduce_time)
+    views = parse_views(worker.views)
+    frames = se.shard_frames(manifest, views)
+    wanted = sorted(frames) if not worker.shards else sorted(int(s) for s in worker.shards.split(",") if s.strip())
     unknown = sorted(set(wanted) - set(frames))
     if unknown:
-        raise ValueError(f"--shards {unknown} are not shards of {args.manifest}")
-    run_dir = RunDir(args.output)
+        raise ValueError(f"--shards {unknown} are not shards of {manifest}")
+    run_dir = RunDir(output)
     _refuse_if_busy(run_dir)
-    policy = RerunPolicy(args.rerun_failed, args.overwrite, args.max_attempts)
+    policy = RerunPolicy(worker.rerun_failed, worker.overwrite, worker.max_attempts)
     tasks = se.pack_tasks(run_dir.plan_incomplete(wanted, policy), launch.shards_per_task)
     return _submit(launch, run_dir, tasks, frames, args, kind="slurm", previous=None,
                    total=len(wanted))
@@ -219,7 +187,9 @@ def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[
 
 
 def run_rerun(args: argparse.Namespace) -> int:
+    from videofeat.launcher.cli import parse_command
     from videofeat.manifests.ledger import RunDir
+    from videofeat.manifests.views import parse_views
 
     from videofeat.launcher.slurm import arrays as se
 
@@ -249,7 +219,7 @@ def run_rerun(args: argparse.Namespace) -> int:
         "grace_s": args.grace or last.grace_s, "log_dir": args.log_dir or last.log_dir,
         "job_name": args.job_name or last.job_name, "reduce_time": args.reduce_time or last.reduce_time})
     stale = _refuse_if_busy(run_dir, submissions)
-    views = _views_of(last.worker_args)
+    views = parse_views(parse_command("extract", list(last.worker_args), prog="videofeat slurm")[0].views)
     frames = se.shard_frames(last.manifest, views)
     tasks = se.rerun_tasks(launch, run_dir, sorted(frames), args.rerun_failed, args.max_attempts)
     if stale and not args.dry_run:
@@ -271,16 +241,6 @@ def _refuse_if_busy(run_dir, submissions=None) -> list[str]:
         raise SlurmError(f"jobs of earlier submissions to {run_dir.url} are still queued or running: "
                          f"{' '.join(busy)}; wait for them (their shards would be computed twice) or scancel them")
     return stale
-
-
-def _views_of(worker_args: Sequence[str]):
-    from videofeat.manifests.views import parse_views
-
-    words = list(worker_args)
-    for i, word in enumerate(words):
-        if word == "--views" and i + 1 < len(words):
-            return parse_views(words[i + 1])
-    return None
 
 
 @dataclass(frozen=True)
@@ -332,15 +292,11 @@ class FinetuneLaunch:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from videofeat.launcher import finetune as finetune_cmd
-
     from videofeat.launcher.slurm import submit as slurm_submit
 
-    _apply_worker_config(args, finetune_cmd.add_arguments)
-    if args.output:
-        args.output = _absolute_if_local(args.output)
+    argv, worker = worker_args("finetune", args)
     launch = FinetuneLaunch(
-        output=args.output, finetune_args=tuple(worker_argv(finetune_cmd.add_arguments, args)),
+        output=_absolute_if_local(worker.output) if worker.output else worker.output, finetune_args=tuple(argv),
         options=_options(args), nodes=args.nodes, tasks_per_node=args.tasks_per_node,
         procs_per_task=args.procs_per_task, shutdown_timeout=args.shutdown_timeout, grace_s=args.grace or 120,
         max_requeues=3 if args.max_requeues is None else args.max_requeues, log_dir=args.log_dir,
@@ -361,13 +317,14 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from videofeat.launcher.slurm.submit import SlurmError
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    init_logger()
     handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}
+    if args.slurm_command == "rerun" and getattr(args, "worker_args", None):
+        print(f"videofeat slurm rerun: unrecognized arguments: {' '.join(args.worker_args)} (a rerun repeats the "
+              "worker flags of the run's last submission)", file=sys.stderr)
+        return 2
     try:
         return handlers[args.slurm_command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
-        return 2
     except SlurmError as error:
         print(f"videofeat slurm {args.slurm_command}: {error}", file=sys.stderr)
         return 1

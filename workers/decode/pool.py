@@ -38,6 +38,7 @@ from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UN
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.resize import FrameResize
+from videofeat.workers.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
     _die_with_parent()
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
-    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(stop_signal, signal.SIG_IGN)
+    ignore_stop_signals()
     shm = shared_memory.SharedMemory(name=shm_name)
     slots = np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=shm.buf)
     slot = 0
@@ -227,9 +227,6 @@ class DecodePool:
         """Process ids of the decode processes (for operators, and for fault-injection tests)."""
         return [w.pid for w in self._workers if w.pid]
 
-    def busy_pids(self) -> list[int]:
-        return [w.pid for w in self._workers if w.pid and w.job is not None]
-
     def _replace(self, worker: _Worker) -> _Worker:
         worker.stop(kill=True)
         fresh = self._spawn()
@@ -323,5 +320,30 @@ def frame_spec(resize: FrameResize) -> tuple[tuple[int, int, int], np.dtype]:
     return (resize.size, resize.size, 3), np.dtype(dtype)
 
 
-def cpu_count() -> int:
+MAX_DEFAULT_DECODE_PROCS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (SLURM's and taskset's limits), not the node."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ranks_sharing_cpus(environ: Optional[dict] = None) -> int:
+    """How many ranks on this node draw from the same CPUs as this one.
+
+    torchrun's local ranks share their agent's mask (``LOCAL_WORLD_SIZE``). SLURM tasks on one
+    node share the whole node only when nothing binds them (the mask covers every CPU); a task
+    bound to its own CPUs shares them with no other task.
+    """
+    env = os.environ if environ is None else environ
+    ranks = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    tasks = (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")).split("(")[0]
+    if usable_cpus() >= (os.cpu_count() or 1) and tasks.isdigit():
+        ranks *= max(1, int(tasks))
+    return max(1, ranks)
+
+
+def default_decode_procs(environ: Optional[dict] = None) -> int:
+    """Decode processes per rank: this rank's share of its CPUs, one left for the rank itself."""
+    share = usable_cpus() // ranks_sharing_cpus(environ)
+    return max(1, min(MAX_DEFAULT_DECODE_PROCS, share - 1))

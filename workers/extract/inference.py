@@ -11,7 +11,6 @@ either. On CUDA out-of-memory the batch is halved and retried, and the size used
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -21,36 +20,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as exc:
-                raise ValueError(f"--device {self.device!r} is not a torch device: {exc}") from None
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the local rank's GPU when there is one, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
 from videofeat.workers.distributed import Distributed
+from videofeat.workers.signals import StopSignals
 from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
 from videofeat.workers.shard_io import ShardWriter, shard_schema
@@ -90,26 +90,6 @@ class ExtractConfig:
         return RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
 
 
-class _Signals:
-    """SIGTERM / SIGUSR2 (SLURM preemption) set a flag the loop checks at every batch."""
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        log.warning("%s received: stopping at the next batch", self.received)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class _ShardLog:
     """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
 
@@ -127,7 +107,9 @@ class _ShardLog:
             self._buffer = io.StringIO()
             self.handler = logging.StreamHandler(self._buffer)
             run.fs.pipe_file(self.path, b"")  # the attempt is visible at once
-        self.handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+        # The console's format (launcher/logs.py), so a shard log reads like the rank's output.
+        console = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
+        self.handler.setFormatter(console or logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self.handler)
 
     def close(self) -> None:
@@ -146,9 +128,9 @@ class Extractor:
         self.run = RunDir(config.output)
         self.preset = config.resolved_preset()
         self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
-        self.models = ModelSet(config, self.preset, sorted({r["view"] for rows in self.rows_by_shard.values()
+        self.models = ModelSet(config, self.preset, sorted({r.view for rows in self.rows_by_shard.values()
                                                             for r in rows}), dist.info.local_rank)
-        self.signals = _Signals()
+        self.signals = StopSignals()
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
@@ -234,12 +216,12 @@ class Extractor:
             run.remove_temporaries(shard_id)
             run.uncommit(shard_id)
             rows = self.rows_by_shard[shard_id]
-            view = rows[0]["view"]
+            view = rows[0].view
             runner = self.models.runner(view)
             temp = run.temp_shard_path(shard_id)
             schema = shard_schema(self.models.feature_dim, self.models.num_classes, self.config.feature_dtype)
             lineage = dict(self.models.lineage(view), shard_id=shard_id, fingerprint=self.record["fingerprint"],
-                           preset=self.preset.to_dict(), fps={r["video_id"]: _fps(r) for r in rows})
+                           preset=self.preset.to_dict(), fps={r.video_id: r.fps for r in rows})
             writer = ShardWriter(temp, run.fs, schema, lineage)
             pipeline = ShardPipeline(rows, self.preset.sampling, self.pool, runner, self.config.batch_size, writer,
                                      self.config.feature_dtype, lambda: self.signals.received is not None,
@@ -283,7 +265,7 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
     dist = Distributed(init_method=init_method)
     try:
         extractor = Extractor(config, dist)
-        dist.init(extractor.models.device.type)
+        dist.init(extractor.models.device)
         plan, todo = extractor.prepare(shard_ids, plan_id, task_index)
         if not todo:
             log.info("nothing to do: every selected shard is complete")
@@ -293,9 +275,3 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
-
-
-def _fps(row: dict) -> float:
-    if row.get("fps_num") and row.get("fps_den"):
-        return row["fps_num"] / row["fps_den"]
-    return float(row["fps"])

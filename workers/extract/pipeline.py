@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
+from videofeat.manifests.manifest import ManifestRow
 from videofeat.manifests.status import FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
+from videofeat.manifests.windows import Sampling
 
 from videofeat.workers.decode.pool import DecodeEvent, DecodeJob, DecodePool
-from videofeat.workers.extract.presets import Sampling, WindowAssembler, window_times
+from videofeat.workers.extract.presets import WindowAssembler, window_times
 from videofeat.workers.shard_io import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Interrupted(Exception):
 
 @dataclass
 class _Video:
-    row: dict
+    row: ManifestRow
     first_window: int
     stop_window: Optional[int]
     decode_start: int
@@ -46,29 +47,22 @@ class _Video:
     started: float = field(default_factory=time.monotonic)
 
 
-def _plan_video(row: dict, sampling: Sampling) -> _Video:
+def _plan_video(row: ManifestRow, sampling: Sampling) -> _Video:
     """Which windows and frames one manifest row (a whole video or a piece) covers."""
-    n = int(row["num_frames"])
-    ps, pe = int(row["piece_start_frame"] or 0), int(row["piece_end_frame"] if row["piece_end_frame"] is not None else n)
-    last_piece = pe >= n
-    first = -(-ps // sampling.hop)
+    n = row.num_frames
+    first = -(-row.piece_start_frame // sampling.hop)
     # The last piece (or a whole video) runs to the end of what really decodes.
-    stop = None if last_piece else -(-pe // sampling.hop)
+    stop = None if row.piece_stop is None else -(-row.piece_stop // sampling.hop)
     decode_start = sampling.start(first)
     decode_end = None if stop is None else max(decode_start, sampling.end(stop - 1))
     expected = (n if decode_end is None else min(decode_end, n)) - decode_start
     return _Video(row, first, stop, decode_start, decode_end, max(0, expected))
 
 
-def _crop(row: dict) -> Optional[tuple[int, int, int, int]]:
-    values = [row.get(k) for k in ("crop_x", "crop_y", "crop_w", "crop_h")]
-    return None if any(v is None for v in values) else tuple(int(v) for v in values)
-
-
 class ShardPipeline:
     """Runs the rows of one shard through ``pool`` and ``infer`` into ``writer``."""
 
-    def __init__(self, rows: list[dict], sampling: Sampling, pool: DecodePool,
+    def __init__(self, rows: list[ManifestRow], sampling: Sampling, pool: DecodePool,
                  infer: Callable[[np.ndarray], tuple[np.ndarray, Optional[np.ndarray]]], batch_size: int,
                  writer: ShardWriter, feature_dtype: str, should_stop: Callable[[], bool],
                  on_windows: Callable[[int], None] = lambda n: None):
@@ -88,7 +82,7 @@ class ShardPipeline:
 
     def run(self) -> list[dict]:
         """Process every row; returns the per-video stats records."""
-        jobs = [DecodeJob(i, v.row["uri"], v.decode_start, v.decode_end, _crop(v.row))
+        jobs = [DecodeJob(i, v.row.uri, v.decode_start, v.decode_end, v.row.crop)
                 for i, v in enumerate(self.videos)]
         for event in self.pool.run(jobs, self.should_stop):
             self._on_event(event)
@@ -120,15 +114,15 @@ class ShardPipeline:
                                                        f"expects {video.expected_frames}")
             else:
                 status, error = OK, None
-            video.record = VideoRecord(video.row["video_id"], status, error, frames, windows, None,
+            video.record = VideoRecord(video.row.video_id, status, error, frames, windows, None,
                                        time.monotonic() - video.started)
         else:
-            video.record = VideoRecord(video.row["video_id"], event.status, event.error, frames, 0,
+            video.record = VideoRecord(video.row.video_id, event.status, event.error, frames, 0,
                                        event.failed_at_frame, time.monotonic() - video.started)
             # A failed video keeps no rows: drop its queued windows and any features.
             self._batch = [b for b in self._batch if b[0] != event.key]
             video.outstanding, video.features, video.probs = 0, {}, {}
-            log.warning("%s: %s: %s", video.row["video_id"], event.status, event.error)
+            log.warning("%s: %s: %s", video.row.video_id, event.status, event.error)
         video.assembler = None if video.record.status not in (OK, FRAME_COUNT_MISMATCH) else video.assembler
         video.finished = True
         self._write_ready()
@@ -164,22 +158,21 @@ class ShardPipeline:
         row = video.row
         windows = range(min(video.features), max(video.features) + 1)
         if len(windows) != len(video.features):
-            raise RuntimeError(f"{row['video_id']}: windows are not contiguous; this is a bug")
-        fps = float(Fraction(int(row["fps_num"]), int(row["fps_den"]))) if row.get("fps_num") else float(row["fps"])
-        pts = video.assembler.pts if (row.get("vfr") and video.assembler is not None) else None
+            raise RuntimeError(f"{row.video_id}: windows are not contiguous; this is a bug")
+        fps = row.fps
+        pts = video.assembler.pts if (row.vfr and video.assembler is not None) else None
         start_s, end_s, center_s = window_times(self.sampling, windows, fps, pts)
         self.writer.write_video(
-            video_id=row["video_id"], session_id=row["session_id"], view=row["view"], window_index=list(windows),
+            video_id=row.video_id, session_id=row.session_id, view=row.view, window_index=list(windows),
             start_frame=[self.sampling.start(w) for w in windows], end_frame=[self.sampling.end(w) for w in windows],
             start_s=start_s, end_s=end_s, center_s=center_s,
             feature=np.stack([video.features[w] for w in windows]).astype(self.feature_dtype),
             probs=np.stack([video.probs[w] for w in windows]) if video.probs else None)
-        self.fps_by_video[row["video_id"]] = fps
+        self.fps_by_video[row.video_id] = fps
         self.windows_written += len(windows)
 
     def _stats(self, video: _Video) -> dict:
         record = video.record.to_dict()
-        record["piece_start_frame"] = int(video.row["piece_start_frame"] or 0)
-        record["piece_end_frame"] = int(video.row["piece_end_frame"] if video.row["piece_end_frame"] is not None
-                                        else video.row["num_frames"])
+        record["piece_start_frame"] = video.row.piece_start_frame
+        record["piece_end_frame"] = video.row.piece_end_frame
         return record

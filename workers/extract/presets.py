@@ -1,10 +1,8 @@
-"""Window arithmetic and the named presets that reproduce the seed's extraction scripts.
+"""The named presets that reproduce the seed's extraction scripts, window times and assembly.
 
-A window spans ``span`` frames and advances by ``hop``; ``num_frames`` frames at ``step`` from
-its start feed the model; ``end_frame`` is exclusive. A video of N frames has
-``T = max(0, floor((N - span) / hop) + 1)`` windows. For the seed presets (span 32, hop 16)
-that is ``floor(N/16) - 1`` windows, window i covers ``[16i, 16i + 32)`` and its centre time is
-``(16i + 16) / fps``: what MA-Actionformer and TriDet assume.
+A preset is a sampling (``manifests/windows.py``: span, hop, frames fed, step) plus the
+preprocessing of each frame (size and resize method). Window arithmetic itself lives in
+``manifests/windows.py``, shared with the manifest and the reducer.
 """
 
 from __future__ import annotations
@@ -14,59 +12,11 @@ from typing import Optional
 
 import numpy as np
 
+from videofeat.manifests.windows import PRESET_SAMPLING, Sampling
 from videofeat.workers.decode.resize import METHODS, FrameResize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Which frames feed one window."""
-
-    span: int
-    hop: int
-    num_frames: int
-    step: int
-
-    def __post_init__(self) -> None:
-        for flag, value in (("--span", self.span), ("--hop", self.hop), ("--num-frames", self.num_frames),
-                            ("--frame-step", self.step)):
-            if int(value) < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if (self.num_frames - 1) * self.step >= self.span:
-            raise ValueError(f"--num-frames {self.num_frames} at --frame-step {self.step} reaches frame "
-                             f"{(self.num_frames - 1) * self.step}, outside a --span of {self.span} frames")
-
-    def num_windows(self, total_frames: int) -> int:
-        return max(0, (int(total_frames) - self.span) // self.hop + 1)
-
-    def start(self, window: int) -> int:
-        return window * self.hop
-
-    def end(self, window: int) -> int:
-        return window * self.hop + self.span
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Frame offsets inside a window that feed the model."""
-        return np.arange(self.num_frames) * self.step
-
-    def frame_indices(self, window: int) -> np.ndarray:
-        return self.start(window) + self.offsets
-
-    def windows_starting_in(self, lo: int, hi: Optional[int], total_frames: int) -> range:
-        """Windows whose start lies in ``[lo, hi)`` (``hi=None``: open) and that fit in the video."""
-        count = self.num_windows(total_frames)
-        first = -(-int(lo) // self.hop)
-        last = count if hi is None else min(count, -(-int(hi) // self.hop))
-        return range(first, max(first, last))
-
-    def frames_needed(self, windows: range) -> tuple[int, int]:
-        """The frame range ``[start, end)`` that covers ``windows``."""
-        if len(windows) == 0:
-            return 0, 0
-        return self.start(windows[0]), self.end(windows[-1])
 
 
 @dataclass(frozen=True)
@@ -102,13 +52,11 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The seed's ViT-L script: 32 consecutive frames, PIL bilinear squash to 224.
-    "aicity-vitl": Preset("aicity-vitl", Sampling(span=32, hop=16, num_frames=32, step=1), 224, "pil_bilinear"),
+    "aicity-vitl": Preset("aicity-vitl", PRESET_SAMPLING["aicity-vitl"], 224, "pil_bilinear"),
     # The seed's ViT-H script: 16 frames at step 2, F.interpolate squash to 224.
-    "aicity-vith": Preset("aicity-vith", Sampling(span=32, hop=16, num_frames=16, step=2), 224,
-                          "interpolate_bilinear"),
+    "aicity-vith": Preset("aicity-vith", PRESET_SAMPLING["aicity-vith"], 224, "interpolate_bilinear"),
     # VideoMAE's own fine-tuning sampling: 16 frames at step 4, short side 224 + centre crop.
-    "videomae-16x4": Preset("videomae-16x4", Sampling(span=64, hop=16, num_frames=16, step=4), 224,
-                            "short_side_crop"),
+    "videomae-16x4": Preset("videomae-16x4", PRESET_SAMPLING["videomae-16x4"], 224, "short_side_crop"),
 }
 
 

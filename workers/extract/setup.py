@@ -15,22 +15,22 @@ from typing import Any, Optional, Sequence
 
 from videofeat import __version__, version_major_minor
 from videofeat.manifests import fsutil
-from videofeat.manifests.manifest import manifest_fingerprint, read_manifest
+from videofeat.manifests.manifest import ManifestRow, manifest_fingerprint, read_manifest, read_manifest_rows
 from videofeat.manifests.views import canonical_view
 
 log = logging.getLogger(__name__)
 
 
-def load_manifest_rows(path: str, views: Optional[Sequence[str]]) -> tuple[dict[int, list[dict]], str]:
+def load_manifest_rows(path: str, views: Optional[Sequence[str]]) -> tuple[dict[int, list[ManifestRow]], str]:
     """Rows with a shard (ok videos), grouped by shard id in manifest order; and the fingerprint."""
     table = read_manifest(path)
-    by_shard: dict[int, list[dict]] = {}
-    for row in table.to_pylist():
-        if row["shard_id"] is None or (views and row["view"] not in views):
+    by_shard: dict[int, list[ManifestRow]] = {}
+    for row in read_manifest_rows(table):
+        if row.shard_id is None or (views and row.view not in views):
             continue
-        by_shard.setdefault(int(row["shard_id"]), []).append(row)
+        by_shard.setdefault(row.shard_id, []).append(row)
     for shard_id, rows in by_shard.items():
-        if len({r["view"] for r in rows}) > 1:
+        if len({r.view for r in rows}) > 1:
             raise ValueError(f"{path}: shard {shard_id} mixes views; rebuild the manifest with `videofeat manifest`")
     if not by_shard:
         raise ValueError(f"{path} has no ok videos" + (f" for --views {','.join(views)}" if views else ""))
@@ -55,7 +55,8 @@ class ModelSet:
     """The model of every view in use (views sharing a checkpoint share a model), on this rank's device."""
 
     def __init__(self, config: Any, preset: Any, views: Sequence[str], local_rank: int = 0):
-        from videofeat.workers.extract.inference import resolve_device, resolve_dtype
+        from videofeat.workers.distributed import resolve_device
+        from videofeat.workers.extract.inference import resolve_dtype
 
         self.config = config
         self.preset = preset
@@ -125,14 +126,9 @@ class ModelSet:
                 "decoder": self.config.decoder, "resize": self.config.resize,
                 "sampling": asdict(self.preset.sampling)}
 
-    def expected_windows(self, rows: Sequence[dict]) -> int:
+    def expected_windows(self, rows: Sequence[ManifestRow]) -> int:
         s = self.preset.sampling
-        total = 0
-        for row in rows:
-            n = int(row["num_frames"])
-            end = row["piece_end_frame"] if row["piece_end_frame"] is not None else n
-            total += len(s.windows_starting_in(int(row["piece_start_frame"] or 0), None if end >= n else end, n))
-        return total
+        return sum(len(s.windows_starting_in(r.piece_start_frame, r.piece_stop, r.num_frames)) for r in rows)
 
 
 def build_run_record(config: Any, preset: Any, models: ModelSet, manifest_fp: str) -> tuple[dict, dict, dict]:

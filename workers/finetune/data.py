@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from videofeat.manifests.manifest import ManifestRow, read_manifest_rows
 from videofeat.manifests.views import canonical_view
 
 from videofeat.workers.finetune.augment import ClipTransform, resize_short_side
@@ -52,10 +53,10 @@ def segments_from_tables(labels, manifest, view: str, split: str, num_classes: i
     in silence.
     """
     view = canonical_view(view)
-    videos: dict[str, dict[str, Any]] = {}
-    for row in manifest.to_pylist():
-        if row.get("piece_index", 0) in (0, None):
-            videos.setdefault(row["video_id"], row)
+    videos: dict[str, ManifestRow] = {}
+    for video_row in read_manifest_rows(manifest):
+        if video_row.piece_index == 0:
+            videos.setdefault(video_row.video_id, video_row)
     segments, missing, unusable, empty = [], set(), set(), 0
     for row in labels.to_pylist():
         if row["view"] != view or row["split"] != split:
@@ -64,14 +65,14 @@ def segments_from_tables(labels, manifest, view: str, split: str, num_classes: i
         if video is None:
             missing.add(row["video_id"])
             continue
-        if video.get("status") != "ok" or not video.get("fps"):
-            unusable.add(f"{row['video_id']} ({video.get('status')}: {video.get('error')})")
+        if video.status != "ok" or not video.fps:
+            unusable.add(f"{row['video_id']} ({video.status}: {video.error})")
             continue
         label = int(row["label_id"])
         if not 0 <= label < num_classes:
             raise ValueError(f"label {label} of {row['video_id']} at {row['start_s']} s is outside "
                              f"[0, {num_classes}); set --num-classes")
-        fps, num_frames = float(video["fps"]), int(video["num_frames"])
+        fps, num_frames = video.fps, video.num_frames
         start = max(0, int(round(row["start_s"] * fps)))
         end = min(num_frames, int(round(row["end_s"] * fps)))
         if end <= start:
@@ -79,10 +80,7 @@ def segments_from_tables(labels, manifest, view: str, split: str, num_classes: i
             log.warning("%s: segment %.2f-%.2f s of label %d holds no frame; skipped",
                         row["video_id"], row["start_s"], row["end_s"], label)
             continue
-        crop = None
-        if video.get("crop_w") is not None:
-            crop = (int(video["crop_x"]), int(video["crop_y"]), int(video["crop_w"]), int(video["crop_h"]))
-        segments.append(Segment(video["uri"], label, start, end, row["video_id"], crop))
+        segments.append(Segment(video.uri, label, start, end, row["video_id"], video.crop))
     if missing:
         log.warning("%d labelled %s video(s) are not in the manifest, their labels are skipped: %s",
                     len(missing), view, ", ".join(sorted(missing)[:10]))
@@ -221,15 +219,6 @@ class ClipDataset(Dataset):
                 index = int(rng.integers(len(self.segments)))
         raise RuntimeError(f"{MAX_REPLACEMENTS + 1} clips in a row failed to decode, starting at item "
                            f"{original} ({self.segments[original].uri}); the data is unreadable")
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: SIGTERM / SIGUSR2 are for the training process (which
-    checkpoints), not for its loader processes (a dead loader would crash the epoch)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -24,9 +24,10 @@ import torch
 from videofeat.workers.finetune.augment import AugmentConfig, ClipTransform, apply_mixup, build_criterion, build_mixup
 from videofeat.workers.finetune.clip_sampling import SamplingConfig
 from videofeat.workers.finetune.optim import CosineSchedule, OptimConfig, apply_lr, build_optimizer, scaled_lr
-from videofeat.workers.finetune.collectives import DistEnv, init_distributed, teardown
 from videofeat.workers.finetune.evaluate import evaluate
 from videofeat.workers.finetune import state as ts
+from videofeat.workers.distributed import Distributed
+from videofeat.workers.signals import StopSignals, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,12 @@ class MetricsLog:
 class Trainer:
     """Builds the model, data, optimizer; resumes; runs epochs; checkpoints; stops on signals."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv):
+    def __init__(self, cfg: TrainConfig, env: Distributed):
         from torch.utils.data import DataLoader, Subset
 
         from videofeat.models import create_model
 
-        from videofeat.workers.finetune.data import ClipDataset, ResumableDistributedSampler, eval_indices, ignore_stop_signals
+        from videofeat.workers.finetune.data import ClipDataset, ResumableDistributedSampler, eval_indices
 
         self.cfg, self.env = cfg, env
         self.device = env.device
@@ -257,7 +258,7 @@ class Trainer:
         self.step += 1
         self.epoch_step += 1
 
-    def train_epoch(self, stop: ts.StopSignal) -> bool:
+    def train_epoch(self, stop: StopSignals) -> bool:
         """One epoch (or its remainder); True if it was cut short by a stop signal."""
         from tqdm import tqdm
 
@@ -308,7 +309,7 @@ class Trainer:
                 handle.write(cfg.to_json() + "\n")
         self.metrics.write(event="start", step=self.step, epoch=self.epoch + 1, resumed=resumed,
                            world_size=env.world_size, steps_per_epoch=self.steps_per_epoch)
-        stop = ts.StopSignal()
+        stop = StopSignals("the next optimizer step").install()
         try:
             while self.epoch < cfg.epochs:
                 if self.train_epoch(stop):
@@ -342,22 +343,23 @@ class Trainer:
         if self.epoch % cfg.save_every == 0:
             self.save(f"checkpoint-e{self.epoch:04d}.pt")
 
-    def _preempted(self, stop: ts.StopSignal) -> dict[str, Any]:
+    def _preempted(self, stop: StopSignals) -> dict[str, Any]:
         self.save("checkpoint-last.pt")
         if self.env.is_main:
-            ts.write_marker(self.cfg.output_dir, ts.PREEMPTED, {"signal": stop.received, "step": self.step,
+            ts.write_marker(self.cfg.output_dir, ts.PREEMPTED, {"signal": stop.signum, "step": self.step,
                                                                 "epoch": self.epoch, "epoch_step": self.epoch_step})
         self.metrics.write(event="preempted", step=self.step, epoch=self.epoch + 1, epoch_step=self.epoch_step)
         log.warning("stopped by a signal at step %d; checkpoint written, %s marker set", self.step, ts.PREEMPTED)
         return {"status": "preempted", "step": self.step, "epoch": self.epoch}
 
 
-def run_training(cfg: TrainConfig, env: Optional[DistEnv] = None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, env: Optional[Distributed] = None) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says, inside the process group torchrun set up (or alone)."""
     own = env is None
-    env = env or init_distributed()
+    # The timeout covers rank 0 writing a ViT-H checkpoint while the others wait at the barrier.
+    env = env or Distributed(timeout_s=1800.0).init("auto")
     try:
         return Trainer(cfg, env).run()
     finally:
         if own:
-            teardown(env)
+            env.close()

@@ -2,10 +2,11 @@
 
 Layer ids follow the seed (BEiT / VideoMAE ``optim_factory``): ``patch_embed``, ``pos_embed``
 and ``cls_token`` are layer 0, ``blocks.j`` is layer j+1, everything else (``fc_norm``,
-``head``) is layer L+1 with scale 1; a layer's lr is scaled by ``layer_decay ** (L+1-id)``.
-No weight decay on 1-D parameters (norms, biases, ``q_bias``/``v_bias``) and position
-embeddings. This gives the same groups as timm's ``param_groups_layer_decay`` on a timm ViT
-(tested), but does not depend on the model defining timm's ``group_matcher``.
+``head``, a token-pooling ``norm``) is layer L+1 with scale 1; a layer's lr is scaled by
+``layer_decay ** (L+1-id)``. No weight decay on 1-D parameters (norms, biases,
+``q_bias``/``v_bias``) and position embeddings. The groups are timm's
+``param_groups_layer_decay`` with the seed's layout as the ``group_matcher``
+(``videofeat.models.videomae.LAYER_GROUPS``, also ``VideoMAEViT.group_matcher``).
 
 The schedule is a pure function of the optimizer step, so resuming needs only the step.
 """
@@ -13,7 +14,6 @@ The schedule is a pure function of the optimizer step, so resuming needs only th
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,36 +55,41 @@ def scaled_lr(lr: float, total_batch: int, scale: bool = True) -> float:
     return lr * total_batch / 256.0 if scale else lr
 
 
-def layer_id(name: str, num_blocks: int) -> int:
-    """The seed's layer id of a ViT parameter (``get_num_layer_for_vit``)."""
-    if name.startswith(("patch_embed", "pos_embed", "cls_token")):
-        return 0
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return num_blocks + 1
+class _SeedLayout:
+    """``model`` as ``param_groups_layer_decay`` reads it (its parameters and its
+    ``group_matcher``), with the seed's layout as the matcher."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        from videofeat.models.videomae import LAYER_GROUPS
+
+        return dict(LAYER_GROUPS)
 
 
 def param_groups(model, weight_decay: float, layer_decay: float,
                  no_weight_decay: tuple[str, ...] = NO_WEIGHT_DECAY) -> list[dict]:
-    """Parameter groups with ``lr_scale`` and ``weight_decay``, one per (layer, decay or not)."""
-    names = [name for name, _ in model.named_parameters()]
-    num_blocks = 1 + max((int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", n) for n in names) if m),
-                         default=-1)
-    groups: dict[str, dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.endswith(".bias") or any(
-            name == key or name.endswith("." + key) for key in no_weight_decay)
-        layer = layer_id(name, num_blocks)
-        key = f"layer_{layer}_{'no_decay' if skip else 'decay'}"
-        if key not in groups:
-            groups[key] = {"params": [], "param_names": [], "weight_decay": 0.0 if skip else weight_decay,
-                           "lr_scale": layer_decay ** (num_blocks + 1 - layer)}
-        groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
-    return list(groups.values())
+    """Parameter groups with ``lr_scale`` and ``weight_decay``, one per (layer, decay or not).
+
+    Any ViT with timm's parameter names gets the seed's layout, whatever its own
+    ``group_matcher`` says (timm's ViT merges ``norm`` into the last block). Layer ids are
+    ordinals of the groups present, so they are the seed's as long as the model has an
+    embedding and something after the blocks (``fc_norm`` or ``norm``: every VideoMAE ViT).
+    """
+    from timm.optim import param_groups_layer_decay
+
+    # fnmatch patterns: a listed name at any depth, and every bias (timm's exclusion is 1-D only)
+    patterns = [*no_weight_decay, *(f"*.{key}" for key in no_weight_decay), "*.bias"]
+    groups = param_groups_layer_decay(_SeedLayout(model), weight_decay, no_weight_decay_list=patterns,
+                                      layer_decay=layer_decay)
+    names = {id(param): name for name, param in model.named_parameters()}
+    for group in groups:
+        group["param_names"] = [names[id(param)] for param in group["params"]]
+    return groups
 
 
 def build_optimizer(model, config: OptimConfig):

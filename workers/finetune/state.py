@@ -27,26 +27,24 @@ import json
 import logging
 import os
 import random
-import signal
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from videofeat.manifests import fsutil
+
 log = logging.getLogger(__name__)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically, through the one atomic writer (``fsutil``): readers see the old file or the new one."""
+    fs, inner = fsutil.filesystem(path)
+    fsutil.write_bytes_atomic(fs, inner, text.encode())
+
 
 PREEMPTED = "PREEMPTED"
 COMPLETED = "COMPLETED"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -134,7 +132,7 @@ def save_training_checkpoint(path: str, model, *, step: int, epoch: int, epoch_s
     # save_checkpoint writes a temporary file and renames it into place.
     save_checkpoint(path, model, step=step, epoch=epoch, epoch_step=epoch_step, **extra)
     info = CheckpointInfo(path=path, step=step, epoch=epoch, epoch_step=epoch_step)
-    _write_text_atomic(record, json.dumps({"file": os.path.basename(path), "step": step, "epoch": epoch,
+    _write_text(record, json.dumps({"file": os.path.basename(path), "step": step, "epoch": epoch,
                                            "epoch_step": epoch_step}))
     return info
 
@@ -179,37 +177,8 @@ def load_latest(directory: str) -> Optional[tuple[CheckpointInfo, dict]]:
 # --------------------------------------------------------------------------- preemption
 
 
-class StopSignal:
-    """Turns SIGTERM / SIGUSR2 into a flag that all ranks agree on at the same step.
-
-    SIGTERM is what SLURM sends on preemption and scancel (and what torchrun forwards);
-    SIGUSR2 is the conventional "time limit near" signal (``--signal=USR2@120``; USR1 may be
-    taken by NCCL). The handler only records the signal: checkpointing happens in the loop.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
-        self.received: Optional[int] = None
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            log.warning("received %s: stopping at the next optimizer step", signal.Signals(signum).name)
-        self.received = signum
-
-    def agreed(self, all_reduce_max) -> bool:
-        """True on every rank if any rank has received a stop signal (one collective per call)."""
-        return bool(all_reduce_max(1 if self.received is not None else 0))
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 def write_marker(directory: str, name: str, payload: dict) -> None:
-    _write_text_atomic(os.path.join(directory, name), json.dumps(payload) + "\n")
+    _write_text(os.path.join(directory, name), json.dumps(payload) + "\n")
 
 
 def remove_marker(directory: str, name: str) -> None:

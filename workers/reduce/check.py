@@ -27,17 +27,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from videofeat.manifests import fsutil
+from videofeat.manifests.manifest import read_manifest_rows
 from videofeat.manifests.ledger import DONE, INTERRUPTED, RunDir, ShardRecord
+from videofeat.manifests.run_record import RunRecord
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
 from videofeat.manifests.views import canonical_view
-from videofeat.workers.reduce.run_record import RunInfo, expected_windows, rerun_command
 from videofeat.workers.shard_io import read_shard_metadata
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("video_id", "session_id", "view", "status", "error", "num_frames", "fps",
-                    "duration_s", "shard_id", "piece_index", "num_pieces", "piece_start_frame",
-                    "piece_end_frame")
 MAX_MARKER_WAIT_S = 60.0
 
 
@@ -72,7 +70,7 @@ class VideoCheck:
 
 @dataclass
 class CheckReport:
-    info: RunInfo
+    info: RunRecord
     videos: list[VideoCheck]
     shards: dict[int, ShardRecord]
     foreign_shards: dict[int, str]
@@ -101,11 +99,11 @@ class CheckReport:
         incomplete = self.by_verdict("incomplete")
         commands = []
         if any(v.status not in TRANSIENT or not _shard_done(self, v) for v in incomplete):
-            commands.append(rerun_command(self.info, rerun_failed=False))
+            commands.append(self.info.rerun_command(rerun_failed=False))
         if any(v.status in TRANSIENT and _shard_done(self, v) for v in incomplete):
-            commands.append(rerun_command(self.info, rerun_failed=True))
+            commands.append(self.info.rerun_command(rerun_failed=True))
         for shard_id in sorted(self.foreign_shards):
-            commands.append(f"rm {self.info.run_url}/shards/{shard_id:05d}.done   "
+            commands.append(f"rm {self.info.url}/shards/{shard_id:05d}.done   "
                             f"# shard {shard_id} holds another run's rows; then rerun")
         return commands
 
@@ -136,35 +134,23 @@ def _shard_done(report: CheckReport, video: VideoCheck) -> bool:
 
 
 # ----- reading the manifest ------------------------------------------------------------------
-def read_expected(info: RunInfo) -> list[VideoCheck]:
+def read_expected(info: RunRecord) -> list[VideoCheck]:
     """One entry per video of the run's views, in (view, video_id) order, pieces in order."""
     fs, path = fsutil.filesystem(info.manifest)
     if not fs.exists(path):
-        raise FileNotFoundError(f"manifest {info.manifest} (named in {info.run_url}/run.json) does not exist; "
+        raise FileNotFoundError(f"manifest {info.manifest} (named in {info.url}/run.json) does not exist; "
                                 "pass --manifest with its current location")
-    schema = pq.read_schema(path, filesystem=fs)
-    missing = [c for c in ("video_id", "view", "status", "shard_id") if c not in schema.names]
-    if missing:
-        raise ValueError(f"{info.manifest} is not a videofeat manifest (no column {', '.join(missing)}); "
-                         "write it with `videofeat manifest`")
-    columns = [c for c in MANIFEST_COLUMNS if c in schema.names]
-    rows = fsutil.read_parquet(path, columns=columns, fs=fs).to_pylist()
     videos: dict[str, VideoCheck] = {}
-    for row in rows:
-        view = canonical_view(row["view"])
+    for row in read_manifest_rows(info.manifest):
+        view = canonical_view(row.view)
         if info.views and view not in info.views:
             continue
-        shard = row.get("shard_id")
-        piece = Piece(None if shard is None else int(shard), int(row.get("piece_index") or 0),
-                      int(row.get("piece_start_frame") or 0),
-                      int(row["piece_end_frame"] if row.get("piece_end_frame") is not None
-                          else row.get("num_frames") or 0))
-        video = videos.get(row["video_id"])
+        piece = Piece(row.shard_id, row.piece_index, row.piece_start_frame, row.piece_end_frame)
+        video = videos.get(row.video_id)
         if video is None:
-            video = videos[row["video_id"]] = VideoCheck(
-                video_id=row["video_id"], session_id=row.get("session_id") or row["video_id"], view=view,
-                status=row.get("status") or "ok", error=row.get("error"), fps=row.get("fps"),
-                duration_s=row.get("duration_s"), pieces=[])
+            video = videos[row.video_id] = VideoCheck(
+                video_id=row.video_id, session_id=row.session_id, view=view, status=row.status or "ok",
+                error=row.error, fps=row.fps_float, duration_s=row.duration_s, pieces=[])
         video.pieces.append(piece)
     for video in videos.values():
         video.pieces.sort(key=lambda p: (p.start, p.piece_index))
@@ -172,7 +158,7 @@ def read_expected(info: RunInfo) -> list[VideoCheck]:
 
 
 # ----- the check -----------------------------------------------------------------------------
-def check_run(run_dir: RunDir, info: RunInfo, marker_wait_s: float = MAX_MARKER_WAIT_S) -> CheckReport:
+def check_run(run_dir: RunDir, info: RunRecord, marker_wait_s: float = MAX_MARKER_WAIT_S) -> CheckReport:
     """Judge every video of the run; reads stats, footers and ``window_index`` columns only."""
     videos = read_expected(info)
     needed = sorted({p.shard_id for v in videos for p in v.pieces if p.shard_id is not None})
@@ -206,8 +192,7 @@ def _wait_for_markers(run_dir: RunDir, records: dict[int, ShardRecord], budget_s
     Only shards that started an attempt and left neither a marker nor a failure record can be
     in flight; shards never attempted, or that failed, are not waited for.
     """
-    pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.last_failure
-               and "left no completion marker" in str(r.last_failure.get("message", ""))]
+    pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.killed]
     if not pending or budget_s <= 0:
         return records
     deadline = time.monotonic() + budget_s
@@ -275,7 +260,7 @@ def _check_windows(report: CheckReport, video: VideoCheck, entries: list, files:
     # whole video that is simply frames_decoded.
     hop = info.hop
     frames = max((-(-piece.start // hop) * hop + int(e.get("frames_decoded") or 0)) for piece, e in entries)
-    total = expected_windows(frames, info.span, info.hop)
+    total = info.sampling.num_windows(frames)
     video.frames_decoded, video.windows = frames, total
     got_parts: list[np.ndarray] = []
     sources: list[tuple[int, list[int]]] = []

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from videofeat import __version__
 from videofeat.manifests import fsutil
-from videofeat.manifests.ledger import RunDir
+from videofeat.manifests.manifest import read_manifest_rows
 from videofeat.manifests.views import canonical_view
-from videofeat.workers.shard_io import read_shard_metadata
+from videofeat.workers.reduce.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ FORMATS = ("actionformer", "npy", "multiview")
 PROB_KEYS = ("a_prob", "pred")
 ANNOTATIONS_NAME = "annotations.json"
 CONFIG_NAME = "config_snippet.yaml"
-
-
-class DatasetNotReady(RuntimeError):
-    """The dataset is missing or older than the newest shard: ``videofeat reduce`` must run first."""
 
 
 @dataclass(frozen=True)
@@ -65,59 +61,6 @@ class ExportConfig:
             raise ValueError("-o/--output is required: the folder the exported files go to")
         if not self.unlabeled_subset.strip():
             raise ValueError("--unlabeled-subset must not be empty (ActionFormer uses training/validation)")
-
-
-class Dataset:
-    """A reduced dataset: ``<view>.parquet`` files and ``summary.json``, read one video at a time."""
-
-    def __init__(self, run_dir: str, dataset: Optional[str] = None):
-        self.run = RunDir(run_dir)
-        self.fs, self.root = fsutil.filesystem(dataset) if dataset else (self.run.fs, self.run.dataset_dir)
-        summary_path = fsutil.join(self.root, "summary.json")
-        hint = f"run `videofeat reduce {run_dir}`" + (f" -o {dataset}" if dataset else "")
-        if not self.fs.exists(summary_path):
-            raise DatasetNotReady(f"no reduced dataset at {self.root}: {hint} first")
-        self.summary = fsutil.read_json(self.fs, summary_path)
-        stale = _newer_marker(self.run, _mtime(self.fs, summary_path))
-        if stale is not None:
-            raise DatasetNotReady(f"the dataset at {self.root} is older than the marker of shard {stale:05d}: "
-                                  f"{hint} again")
-        self.files = {view: fsutil.join(self.root, f"{view}.parquet")
-                      for view, row in self.summary.get("views", {}).items() if row.get("file")}
-        self.preset = self.summary.get("preset") or {}
-
-    @property
-    def views(self) -> list[str]:
-        return list(self.files)
-
-    def metadata(self, view: str) -> dict:
-        return read_shard_metadata(self.files[view], self.fs)
-
-    def videos(self, view: str) -> Iterator[tuple[str, pa.Table]]:
-        """``(video_id, rows)`` in video-id order, one row group (one video) at a time."""
-        groups = self.metadata(view)["row_groups"]
-        with self.fs.open(self.files[view], "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            for video_id in sorted(groups):
-                yield video_id, parquet.read_row_groups(groups[video_id])
-
-
-def _mtime(fs: Any, path: str) -> Optional[float]:
-    try:
-        return fs.modified(path).timestamp()
-    except (NotImplementedError, AttributeError, OSError):
-        return None
-
-
-def _newer_marker(run: RunDir, dataset_time: Optional[float]) -> Optional[int]:
-    """A shard whose marker is newer than the dataset (committed after the last reduce)."""
-    if dataset_time is None:
-        return None
-    for shard_id in run.done_shards():
-        stamp = _mtime(run.fs, run.marker_path(shard_id))
-        if stamp is not None and stamp > dataset_time:
-            return shard_id
-    return None
 
 
 def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: Any = np.float32) -> np.ndarray:
@@ -191,16 +134,12 @@ def video_timing(dataset: Dataset) -> dict[str, dict]:
     if manifest:
         fs, path = fsutil.filesystem(manifest)
         if fs.exists(path):
-            names = pq.read_schema(path, filesystem=fs).names
-            columns = [c for c in ("video_id", "fps", "fps_num", "fps_den", "duration_s", "num_frames") if c in names]
-            for row in fsutil.read_parquet(path, columns=columns, fs=fs).to_pylist():
-                fps = row.get("fps")
-                if row.get("fps_num") and row.get("fps_den"):
-                    fps = row["fps_num"] / row["fps_den"]
-                duration = row.get("duration_s")
-                if duration is None and fps and row.get("num_frames"):
-                    duration = row["num_frames"] / fps
-                out.setdefault(row["video_id"], {"fps": fps, "duration": duration})
+            for row in read_manifest_rows(manifest):
+                fps = row.fps or None
+                duration = row.duration_s
+                if duration is None and fps and row.num_frames:
+                    duration = row.num_frames / fps
+                out.setdefault(row.video_id, {"fps": fps, "duration": duration})
     return out
 
 

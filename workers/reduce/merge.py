@@ -27,7 +27,6 @@ import pyarrow.parquet as pq
 from videofeat.manifests import fsutil
 from videofeat.manifests.ledger import RunDir, utc_now
 from videofeat.workers.reduce.check import MAX_MARKER_WAIT_S, CheckReport, ShardFiles, VideoCheck, check_run
-from videofeat.workers.reduce.run_record import load_run_info
 from videofeat.workers.shard_io import METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class IncompleteRun(RuntimeError):
 
     def __init__(self, report: CheckReport):
         self.report = report
-        super().__init__(f"{report.info.run_url} is incomplete; nothing was written "
+        super().__init__(f"{report.info.url} is incomplete; nothing was written "
                          f"(--allow-partial writes what exists):\n{report.describe_incomplete()}")
 
 
@@ -66,7 +65,7 @@ def reduce_run(config: ReduceConfig) -> dict:
     """Check, merge and summarize; returns the summary (also written as ``summary.json``)."""
     began = time.monotonic()
     run_dir = RunDir(config.run_dir)
-    info = load_run_info(run_dir, config.manifest)
+    info = run_dir.load_record().with_manifest(config.manifest)
     report = check_run(run_dir, info, config.marker_wait_s)
     if not report.complete and not config.allow_partial:
         raise IncompleteRun(report)
@@ -159,10 +158,11 @@ def build_summary(report: CheckReport, files: dict[str, str], reduce_seconds: fl
                       "reason": v.reason} for v in report.videos if v.verdict != "complete"]
     feature_dim, num_classes, dtype = _head_shape(report)
     summary = {
-        "run_dir": info.run_url, "fingerprint": info.fingerprint, "manifest": info.manifest,
+        "run_dir": info.url, "fingerprint": info.fingerprint, "manifest": info.manifest,
         "reduced_at": utc_now(), "complete": report.complete, "partial": not report.complete,
         "views": per_view, "feature_dim": feature_dim, "num_classes": num_classes, "feature_dtype": dtype,
-        "preset": {"span": info.span, "hop": info.hop, "num_frames": info.num_frames, "step": info.step},
+        "preset": {"span": info.sampling.span, "hop": info.sampling.hop, "num_frames": info.sampling.num_frames,
+                   "step": info.sampling.step},
         "videos_by_status": dict(sorted(by_status.items())),
         "not_extracted": not_extracted,
         "shards": {"needed": len(report.shards), "done_used": len(report.shard_meta) - len(report.foreign_shards),
@@ -178,7 +178,7 @@ def build_summary(report: CheckReport, files: dict[str, str], reduce_seconds: fl
 def _head_shape(report: CheckReport) -> tuple[Optional[int], Optional[int], Optional[str]]:
     """Feature dim, class count and feature dtype, from a shard's schema (run.json as fallback)."""
     feature_dim, num_classes, dtype = report.info.feature_dim, report.info.num_classes, None
-    run_dir = RunDir(report.info.run_url)
+    run_dir = RunDir(report.info.url)
     for video in report.videos:
         if video.sources:
             schema = pq.read_schema(run_dir.shard_path(video.sources[0][0]), filesystem=run_dir.fs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +20,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from videofeat.manifests import fsutil
+from videofeat.workers.reduce.dataset import Dataset
 from videofeat.workers.shard_io import METADATA_KEY
 
-if TYPE_CHECKING:
-    from videofeat.workers.reduce.export import Dataset
 
 TABLE_NAME = "multiview.parquet"
 SUMMARY_NAME = "multiview_summary.json"

@@ -378,8 +378,13 @@ stop() {
   stop_daemon slurmctld "$STATE/slurmctld.pid"
   [ "$NODES" = 1 ] || kill_leftover_steps
   if [ -f "$STATE/munged.started" ]; then
-    runuser -u munge -- /usr/sbin/munged --stop >/dev/null 2>&1 || true
-    rm -f "$STATE/munged.started"
+    # munged is shared: leave it to a cluster that still runs beside this one.
+    if pgrep -x slurmctld >/dev/null; then
+      log "munged left running: another cluster's slurmctld still uses it"
+    else
+      runuser -u munge -- /usr/sbin/munged --stop >/dev/null 2>&1 || true
+      rm -f "$STATE/munged.started"
+    fi
   fi
   log "stopped"
 }

@@ -4,6 +4,7 @@ Two slurmd daemons on this machine, nodes vfnode1 (127.0.0.2) and vfnode2 (127.0
 its own UTS namespace, so a process on a node sees that node's name as its host name. The tests
 reach the cluster through ``SLURM_CONF`` and skip, saying why, where it is not up:
 
+- its daemons listen on loopback addresses only, and a job step sees its node's host name;
 - an extraction array whose tasks run on both nodes gives the dataset of one local process;
 - fine-tuning on 2 nodes x 1 rank: ``srun torchrun`` meets at the c10d rendezvous on the first
   node and trains to the end;
@@ -107,6 +108,36 @@ def _task_node(array: str, task: int) -> str:
     out = subprocess.run(["squeue", "-h", "-j", f"{array}_{task}", "-o", "%T %N"], capture_output=True,
                          text=True, timeout=15).stdout.split()
     return out[1] if len(out) == 2 and out[0] == "RUNNING" else ""
+
+
+def _listening(ports: set[int]) -> dict[int, str]:
+    """``{port: IPv4 address}`` of the TCP sockets listening on those ports (from /proc/net/tcp)."""
+    out = {}
+    with open("/proc/net/tcp") as handle:
+        for line in handle.readlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            if fields[3] == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+                out[int(port, 16)] = ".".join(str(b) for b in reversed(bytes.fromhex(address)))
+    return out
+
+
+def test_cluster_is_on_loopback_beside_the_single_node_one(two_nodes):
+    conf = Path(os.environ["SLURM_CONF"]).read_text()
+    ports = {int(re.search(r"^SlurmctldPort=(\d+)", conf, re.M)[1]), *map(int, re.findall(r"\bPort=(\d+)", conf))}
+    nodes = dict(re.findall(r"^NodeName=(\S+) NodeAddr=(\S+)", conf, re.M))
+    assert nodes == {"vfnode1": "127.0.0.2", "vfnode2": "127.0.0.3"} and len(ports) == 3
+    # Every daemon of this cluster listens on a loopback address only, each slurmd on its node's.
+    listening = _listening(ports)
+    assert set(listening) == ports and all(a.startswith("127.") for a in listening.values()), listening
+    assert sorted(listening.values()) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"], listening
+    # The client configuration of the single-node cluster is not this one's.
+    system = Path("/etc/slurm/slurm.conf")
+    assert not system.exists() or "vfnode" not in system.read_text()
+    # A job step on a node sees that node's name as its host name.
+    result = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "-l", "hostname"], capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert sorted(result.stdout.split()) == ["0:", "1:", *TWO_NODES], result.stdout
 
 
 def test_extraction_array_runs_on_both_nodes(two_nodes, dataset, tmp_path):

@@ -36,7 +36,7 @@ def require_two_node_cluster() -> dict[str, str]:
     ``os.environ`` (monkeypatch.setenv) so that every command it runs, and videofeat's own
     calls to sbatch and squeue, reach this cluster and not the single-node one.
     """
-    start = f"start it with `bash scripts/slurm_cluster.sh start --nodes 2` (state in {TWO_NODE_DIR})"
+    start = f"start it with `VIDEOFEAT_SLURM_DIR={TWO_NODE_DIR} bash scripts/slurm_cluster.sh start --nodes 2`"
     conf = os.path.join(TWO_NODE_DIR, "slurm.conf")
     if not os.path.exists(conf):
         pytest.skip(f"no two-node SLURM cluster here ({conf} does not exist); {start}")

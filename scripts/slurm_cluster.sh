@@ -79,9 +79,10 @@ else
   # slurmctld binds to the address its own host name resolves to (127.0.0.1 here), whatever
   # SlurmctldHost says; its own port keeps it apart from a single-node cluster's controller.
   CTLD_ADDR=127.0.0.1
-  # Seconds without an answer before a node is marked down. Short, so that a lost node's jobs
-  # are requeued quickly; a busy machine answers slurmctld's pings well within it.
-  SLURMD_TIMEOUT="${VIDEOFEAT_SLURMD_TIMEOUT:-6}"
+  # Seconds without an answer before a node is marked down (SLURM's default is 300), so that a
+  # lost node's jobs are requeued within ~25 s: the failing ping itself takes MessageTimeout
+  # (10 s), which dominates; lower values gain little and risk marking a busy node down.
+  SLURMD_TIMEOUT="${VIDEOFEAT_SLURMD_TIMEOUT:-10}"
   INSTALL_CONF=0
 fi
 # Every client command below (sinfo, scontrol, squeue, scancel) talks to this cluster only.

@@ -69,8 +69,10 @@ def utc_now() -> str:
 
 
 def slurm_ids() -> dict[str, str]:
-    """The SLURM identifiers of this process, if it runs under SLURM."""
-    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_RESTART_COUNT")
+    """The SLURM identifiers of this process, if it runs under SLURM (the node's SLURM name too:
+    on a real cluster it need not be the host name)."""
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_RESTART_COUNT",
+            "SLURMD_NODENAME")
     return {k.lower(): os.environ[k] for k in keys if k in os.environ}
 
 

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view", default=None, help="view holding the video (default: the one whose file has it)")
     parser.add_argument("--dataset", default=None, help="reduced dataset folder, if `reduce -o` put it elsewhere")
     parser.add_argument("--size", default="1200x500", metavar="WxH", help="image size in pixels (default 1200x500)")
+    parser.add_argument("--style", default="auto", choices=("auto", "lines", "heat"),
+                        help="lines: a curve per class; heat: a strip per class, colour depth = probability; "
+                             "auto: lines up to 8 classes, heat beyond (default)")
     parser.add_argument("--dpi", type=int, default=100, help="dots per inch: text size relative to the image")
 
 
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     init_logger()
     width, height = parse_size(args.size)
     config = TimelineConfig(run_dir=args.run_dir, video_id=args.video, output=args.output, labels=args.labels,
-                            view=args.view, dataset=args.dataset, width_px=width, height_px=height, dpi=args.dpi)
+                            view=args.view, dataset=args.dataset, width_px=width, height_px=height, dpi=args.dpi,
+                            style=args.style)
     try:
         report = plot_timeline(config)
     except (DatasetNotReady, PlotUnavailable) as error:
@@ -49,4 +53,4 @@ def describe(report: dict) -> str:
     segments = (f"{report['segments']} labelled segment(s)" if report["labels_given"]
                 else "no labels (--labels draws the segments)")
     return (f"{report['output']}: {what} {report['windows']} windows of {report['video_id']} [{report['view']}], "
-            f"{segments}; {report['size'][0]}x{report['size'][1]} px")
+            f"{segments}; {report['size'][0]}x{report['size'][1]} px, {report['style']}")

@@ -22,7 +22,7 @@ from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 pytest.importorskip("matplotlib", reason="the plot extra: pip install -e '.[plot]'")
 from PIL import Image  # noqa: E402
 
-from videofeat.workers.reduce.plot import TimelineConfig, close, draw  # noqa: E402
+from videofeat.workers.reduce.plot import TimelineConfig, class_colour, close, draw  # noqa: E402
 
 VIDEO = "Rear_view_user_id_1_NoAudio_1"       # 200 frames: 11 windows, centres 0.53 .. 5.87 s
 HIGH = (2.0, 4.0)                              # class 2 is labelled, and predicted, in this range
@@ -72,14 +72,13 @@ def plotted(tmp_path, capsys):
 
 
 def rgb(class_id: int) -> np.ndarray:
-    from videofeat.workers.reduce.plot import class_colour
-
     return np.array(class_colour(class_id, 4)) * 255
 
 
 def column(image: np.ndarray, axes, x: float, y0: float, y1: float) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of the image column at data x between data y0 and y1, and each pixel's data y."""
-    (px, top), (_, bottom) = axes.transData.transform([(x, y1), (x, y0)])
+    (px, a), (_, b) = axes.transData.transform([(x, y1), (x, y0)])
+    top, bottom = max(a, b), min(a, b)   # the heat strip's y axis points down
     rows = np.arange(int(np.ceil(image.shape[0] - top)), int(image.shape[0] - bottom))
     data_y = axes.transData.inverted().transform(np.c_[np.full(len(rows), px), image.shape[0] - rows - 0.5])[:, 1]
     return image[rows, int(px)], data_y
@@ -122,6 +121,35 @@ def test_timeline_draws_segments_and_curves_where_the_data_says(plotted):
     pixels, ys = column(image, curves, outside, 0.0, 1.0)
     assert matches(pixels, 2).any() and np.all(ys[matches(pixels, 2)] < 0.05)
     assert matches(pixels, 0).any() and np.all(np.abs(ys[matches(pixels, 0)] - 0.75) < 0.03)
+
+
+def test_many_classes_draw_a_heat_strip_whose_colour_depth_is_the_probability(tmp_path, capsys):
+    classes = 12
+
+    def probs(video_id: str, windows: np.ndarray, count: int) -> np.ndarray:
+        four = known_probs(video_id, windows, 4)
+        out = np.full((len(windows), count), 0.0, np.float32)
+        out[:, :4] = four
+        return out / out.sum(axis=1, keepdims=True)
+
+    run = make_run(tmp_path, basic_videos(), classes=classes, probs_for=probs)
+    reduce_run(ReduceConfig(run.url, marker_wait_s=0))
+    png = str(tmp_path / "heat.png")
+    code, out, err = videofeat(capsys, "plot", run.url, "--video", VIDEO, "-o", png, "--size", f"{WIDTH}x{HEIGHT}")
+    assert code == 0 and out.rstrip().endswith("px, heat"), (out, err)   # auto: more than 8 classes
+    timeline, rendered = draw(TimelineConfig(run.url, VIDEO, png, width_px=WIDTH, height_px=HEIGHT))
+    image = np.asarray(Image.open(png).convert("RGB")).astype(float)
+    expected = probs(VIDEO, np.arange(11), classes)
+    np.testing.assert_allclose(timeline.values, expected, rtol=1e-6)
+    # Row c of the strip sits at y = c; each window's cell is white blended toward the class colour.
+    for window in (1, 3, 5, 9):
+        x = (window * HOP + SPAN / 2) / FPS
+        for class_id in (0, 2):
+            pixels, ys = column(image, rendered.curves, x, class_id - 0.3, class_id + 0.3)
+            colour = np.array(class_colour(class_id, classes)) * 255
+            want = 255 - expected[window, class_id] * (255 - colour)
+            assert np.abs(pixels - want).max() < 4, (window, class_id, pixels[0], want)
+    close(rendered)
 
 
 def test_plot_refuses_bad_input_and_plots_norms_without_a_head(tmp_path, capsys):

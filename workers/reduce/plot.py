@@ -30,6 +30,9 @@ from videofeat.workers.reduce.export import fixed_list_to_numpy
 log = logging.getLogger(__name__)
 
 PROBS, FEATURE_NORM = "probs", "feature_norm"
+LINES, HEAT = "lines", "heat"
+STYLES = ("auto", LINES, HEAT)
+MAX_LINES = 8          # beyond this many classes the lines tangle: auto draws a heat strip
 KNOWN_IDS_SHOWN = 5
 LABEL_COLUMNS = ("video_id", "label_id", "start_s", "end_s")
 
@@ -51,8 +54,11 @@ class TimelineConfig:
     width_px: int = 1200
     height_px: int = 500
     dpi: int = 100
+    style: str = "auto"                # lines, heat, or auto (lines for up to MAX_LINES classes)
 
     def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"--style must be one of {', '.join(STYLES)}, got {self.style!r}")
         if not self.video_id.strip():
             raise ValueError("--video must name a video id (see `videofeat status RUN_DIR` or the dataset)")
         if not self.output.lower().endswith(".png"):
@@ -180,26 +186,31 @@ class Rendered:
     segments: Any
 
 
-def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi: int) -> Rendered:
+def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi: int,
+                    style: str = "auto") -> Rendered:
     plt = _import_pyplot()
+    style = resolve_style(style, timeline)
     # Fixed margins, not a layout engine: the axes sit where the same sizes always put them.
     fig, (top, lane) = plt.subplots(2, 1, sharex=True, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
                                     gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08})
-    fig.subplots_adjust(left=0.07, right=0.80, top=0.90, bottom=0.13)
+    fig.subplots_adjust(left=0.07 if style == LINES else 0.16, right=0.80, top=0.90, bottom=0.13)
     fig.patch.set_facecolor("white")
     num_colours = max(timeline.class_names, default=-1) + 1
-    if timeline.kind == PROBS:
+    if timeline.kind == FEATURE_NORM:
+        top.plot(timeline.center_s, timeline.values[:, 0], color="0.2", linewidth=2.0, marker="o", markersize=3)
+        top.set_ylabel("feature L2 norm")
+        top.text(0.5, 0.95, "this run's model has no classification head: feature norms, not probabilities",
+                 transform=top.transAxes, ha="center", va="top", fontsize=8, color="0.3")
+    elif style == LINES:
         for class_id in range(timeline.values.shape[1]):
             top.plot(timeline.center_s, timeline.values[:, class_id], color=class_colour(class_id, num_colours),
                      linewidth=2.0, marker="o", markersize=3)
         top.set_ylim(0.0, 1.0)
         top.set_ylabel("class probability")
     else:
-        top.plot(timeline.center_s, timeline.values[:, 0], color="0.2", linewidth=2.0, marker="o", markersize=3)
-        top.set_ylabel("feature L2 norm")
-        top.text(0.5, 0.95, "this run's model has no classification head: feature norms, not probabilities",
-                 transform=top.transAxes, ha="center", va="top", fontsize=8, color="0.3")
-    top.grid(True, color="0.9", linewidth=0.8)
+        _draw_heat(top, timeline, num_colours)
+    if style == LINES or timeline.kind == FEATURE_NORM:
+        top.grid(True, color="0.9", linewidth=0.8)
     top.set_title(f"{timeline.video_id}  [{timeline.view}]  {len(timeline.center_s)} windows", fontsize=10)
 
     _draw_segments(lane, timeline, num_colours)
@@ -208,6 +219,33 @@ def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi:
     lane.set_xlabel("time (s), at each window's centre")
     _legend(fig, timeline, num_colours)
     return Rendered(fig, top, lane)
+
+
+def resolve_style(style: str, timeline: VideoTimeline) -> str:
+    """``auto``: a line per class while lines stay readable, a heat strip per class beyond that."""
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {', '.join(STYLES)}, got {style!r}")
+    if style != "auto":
+        return style
+    return LINES if timeline.values.shape[1] <= MAX_LINES else HEAT
+
+
+def window_edges(center_s: np.ndarray, end_s: float) -> tuple[float, float]:
+    """Left and right edge of the strip: each window's cell spans its centre +- half a hop."""
+    step = float(np.median(np.diff(center_s))) if len(center_s) > 1 else 2 * (end_s - float(center_s[0]))
+    return float(center_s[0]) - step / 2, float(center_s[-1]) + step / 2
+
+
+def _draw_heat(top: Any, timeline: VideoTimeline, num_colours: int) -> None:
+    """Row c is class c's colour at the window's probability: white at 0, the full colour at 1."""
+    probs = np.clip(timeline.values, 0.0, 1.0).T[:, :, None]                       # [C, T, 1]
+    colours = np.array([class_colour(c, num_colours) for c in range(probs.shape[0])])[:, None, :]
+    image = 1.0 - probs * (1.0 - colours)                                           # [C, T, 3]
+    left, right = window_edges(timeline.center_s, timeline.end_s)
+    top.imshow(image, extent=(left, right, probs.shape[0] - 0.5, -0.5), aspect="auto", interpolation="nearest")
+    top.set_yticks(range(probs.shape[0]), [f"{c}: {timeline.class_names[c]}" for c in range(probs.shape[0])],
+                   fontsize=7)
+    top.set_ylabel("class probability (colour depth)")
 
 
 def _draw_segments(lane: Any, timeline: VideoTimeline, num_colours: int) -> None:
@@ -248,7 +286,7 @@ def _legend(fig: Any, timeline: VideoTimeline, num_colours: int) -> None:
 def draw(config: TimelineConfig) -> tuple[VideoTimeline, Rendered]:
     """Read one video and draw it (the figure is left open: close it with ``close``)."""
     timeline = load_timeline(config)
-    return timeline, render_timeline(timeline, config.width_px, config.height_px, config.dpi)
+    return timeline, render_timeline(timeline, config.width_px, config.height_px, config.dpi, config.style)
 
 
 def plot_timeline(config: TimelineConfig) -> dict:
@@ -265,7 +303,8 @@ def plot_timeline(config: TimelineConfig) -> dict:
     return {"output": config.output, "video_id": timeline.video_id, "view": timeline.view,
             "windows": int(len(timeline.center_s)), "kind": timeline.kind,
             "classes": len(timeline.class_names), "segments": len(timeline.segments),
-            "labels_given": timeline.labels_given, "size": [config.width_px, config.height_px]}
+            "labels_given": timeline.labels_given, "size": [config.width_px, config.height_px],
+            "style": resolve_style(config.style, timeline) if timeline.kind == PROBS else LINES}
 
 
 def close(rendered: Rendered) -> None:

@@ -193,7 +193,7 @@ def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi:
     # Fixed margins, not a layout engine: the axes sit where the same sizes always put them.
     fig, (top, lane) = plt.subplots(2, 1, sharex=True, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
                                     gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08})
-    fig.subplots_adjust(left=0.07 if style == LINES else 0.16, right=0.80, top=0.90, bottom=0.13)
+    fig.subplots_adjust(left=0.07, right=0.80, top=0.90, bottom=0.13)
     fig.patch.set_facecolor("white")
     num_colours = max(timeline.class_names, default=-1) + 1
     if timeline.kind == FEATURE_NORM:
@@ -217,8 +217,23 @@ def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi:
     end = max([timeline.end_s] + [e for _, _, e in timeline.segments])
     lane.set_xlim(0.0, end)
     lane.set_xlabel("time (s), at each window's centre")
-    _legend(fig, timeline, num_colours)
+    drawn_as = "span" if timeline.kind == FEATURE_NORM else ("curve" if style == LINES else "strip") + " and span"
+    _fit_margins(fig, top, lane, _legend(fig, timeline, num_colours, f"class ({drawn_as})"), width_px)
     return Rendered(fig, top, lane)
+
+
+def _fit_margins(fig: Any, top: Any, lane: Any, legend: Any, width_px: int) -> None:
+    """Room for the class names: the legend's measured width on the right, the tick labels' on the left.
+
+    Measured once on this figure and then fixed, so the same inputs put the axes at the same pixels.
+    """
+    renderer = fig.canvas.get_renderer()
+    gap = 12 / width_px
+    right = 1.0 - legend.get_window_extent(renderer).width / width_px - 2 * gap
+    overhang = -min(ax.get_tightbbox(renderer).x0 for ax in (top, lane)) / width_px
+    left = fig.subplotpars.left + max(0.0, overhang + gap)
+    fig.subplots_adjust(left=min(left, 0.4), right=max(right, 0.55))
+    legend.set_bbox_to_anchor((max(right, 0.55) + gap, 0.90), transform=fig.transFigure)
 
 
 def resolve_style(style: str, timeline: VideoTimeline) -> str:
@@ -265,7 +280,7 @@ def _draw_segments(lane: Any, timeline: VideoTimeline, num_colours: int) -> None
                   clip_on=True)
 
 
-def _legend(fig: Any, timeline: VideoTimeline, num_colours: int) -> None:
+def _legend(fig: Any, timeline: VideoTimeline, num_colours: int, title: str) -> Any:
     """Every class once, as ``id: name``: a line when it has a curve, a patch when only a span."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -279,8 +294,8 @@ def _legend(fig: Any, timeline: VideoTimeline, num_colours: int) -> None:
         colour = class_colour(class_id, num_colours)
         handles.append(Line2D([], [], color=colour, linewidth=2.0) if class_id in curves else Patch(color=colour))
         names.append(f"{class_id}: {name}")
-    fig.legend(handles, names, loc="upper left", bbox_to_anchor=(0.81, 0.90), fontsize=8, frameon=False,
-               title="class (curve and span)", title_fontsize=8)
+    return fig.legend(handles, names, loc="upper left", bbox_to_anchor=(0.81, 0.90), fontsize=8, frameon=False,
+               title=title, title_fontsize=8)
 
 
 def draw(config: TimelineConfig) -> tuple[VideoTimeline, Rendered]:

@@ -273,10 +273,11 @@ def _draw_segments(lane: Any, timeline: VideoTimeline, num_colours: int) -> None
         lane.text(0.5, 0.5, note, transform=lane.transAxes, ha="center", va="center", fontsize=8, color="0.4")
         return
     for class_id, start, end in timeline.segments:
-        lane.broken_barh([(start, end - start)], (0.0, 1.0), facecolors=[class_colour(class_id, num_colours)],
-                         edgecolor="none")
-        # The name sits in the span's upper half; the lower half stays the pure colour.
-        lane.text((start + end) / 2, 0.72, str(class_id), ha="center", va="center", fontsize=7, color="white",
+        colour = class_colour(class_id, num_colours)
+        lane.broken_barh([(start, end - start)], (0.0, 1.0), facecolors=[colour], edgecolor="none")
+        # The class id sits in the span's upper half, dark on light colours; the lower half stays pure colour.
+        ink = "0.15" if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 0.6 else "white"
+        lane.text((start + end) / 2, 0.72, str(class_id), ha="center", va="center", fontsize=7, color=ink,
                   clip_on=True)
 
 

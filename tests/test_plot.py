@@ -22,7 +22,7 @@ from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 pytest.importorskip("matplotlib", reason="the plot extra: pip install -e '.[plot]'")
 from PIL import Image  # noqa: E402
 
-from videofeat.workers.reduce.plot import TimelineConfig, class_colour, close, draw  # noqa: E402
+from videofeat.workers.reduce.plot import TimelineConfig, class_colour, draw, load_timeline  # noqa: E402
 
 VIDEO = "Rear_view_user_id_1_NoAudio_1"       # 200 frames: 11 windows, centres 0.53 .. 5.87 s
 HIGH = (2.0, 4.0)                              # class 2 is labelled, and predicted, in this range
@@ -67,8 +67,7 @@ def plotted(tmp_path, capsys):
     assert code == 0, err
     timeline, rendered = draw(TimelineConfig(run.url, VIDEO, png, labels=labels, width_px=WIDTH, height_px=HEIGHT))
     rendered.figure.canvas.draw()
-    yield png, out, timeline, rendered
-    close(rendered)
+    return png, out, timeline, rendered
 
 
 def rgb(class_id: int) -> np.ndarray:
@@ -149,7 +148,6 @@ def test_many_classes_draw_a_heat_strip_whose_colour_depth_is_the_probability(tm
             colour = np.array(class_colour(class_id, classes)) * 255
             want = 255 - expected[window, class_id] * (255 - colour)
             assert np.abs(pixels - want).max() < 4, (window, class_id, pixels[0], want)
-    close(rendered)
 
 
 def test_plot_refuses_bad_input_and_plots_norms_without_a_head(tmp_path, capsys):
@@ -174,8 +172,7 @@ def test_plot_refuses_bad_input_and_plots_norms_without_a_head(tmp_path, capsys)
     code, out, err = videofeat(capsys, "plot", headless.url, "--video", VIDEO, "-o", png, "--size", "640x300")
     assert code == 0 and "feature L2 norms" in out and "no classification head" in out, err
     assert Image.open(png).size == (640, 300)
-    timeline, rendered = draw(TimelineConfig(headless.url, VIDEO, png))
-    close(rendered)
+    timeline = load_timeline(TimelineConfig(headless.url, VIDEO, png))
     rows = pq.read_table(f"{headless.dataset_dir}/rear.parquet").to_pylist()
     expected = np.linalg.norm([r["feature"] for r in rows if r["video_id"] == VIDEO], axis=1)
     np.testing.assert_allclose(timeline.values[:, 0], expected, rtol=1e-6)

@@ -7,13 +7,12 @@ a span. A run whose model had no head has no probabilities: the top panel then s
 feature L2 norm per window and says so.
 
 matplotlib is an optional extra (``pip install 'videofeat[plot]'``), imported only here, inside
-:func:`render_timeline`, with the Agg backend (no display needed).
+:func:`render_timeline`, on an Agg canvas of its own (no display, no pyplot state).
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,8 +25,6 @@ from videofeat.manifests import fsutil
 from videofeat.manifests.views import canonical_view
 from videofeat.workers.reduce.dataset import Dataset
 from videofeat.workers.reduce.export import fixed_list_to_numpy
-
-log = logging.getLogger(__name__)
 
 PROBS, FEATURE_NORM = "probs", "feature_norm"
 LINES, HEAT = "lines", "heat"
@@ -128,8 +125,9 @@ def read_segments(path: str, video_id: str) -> tuple[tuple[tuple[int, float, flo
             if label_id is not None and label:
                 names.setdefault(int(label_id), str(label))
     mine = table.filter(pc.equal(table.column("video_id"), video_id))
-    segments = tuple(sorted((int(r["label_id"]), float(r["start_s"]), float(r["end_s"]))
-                            for r in mine.select(["label_id", "start_s", "end_s"]).to_pylist()))
+    segments = tuple(sorted(((int(r["label_id"]), float(r["start_s"]), float(r["end_s"]))
+                             for r in mine.select(["label_id", "start_s", "end_s"]).to_pylist()),
+                            key=lambda seg: (seg[1], seg[2], seg[0])))   # in time order: later spans on top
     return segments, names
 
 
@@ -165,16 +163,17 @@ def class_colour(class_id: int, num_colours: int) -> tuple[float, float, float]:
     return colormaps["hsv"](class_id / num_colours)[:3]
 
 
-def _import_pyplot() -> Any:
+def _new_figure(width_px: int, height_px: int, dpi: int) -> Any:
+    """A figure on its own Agg canvas: no pyplot, so no global backend or figure list is touched."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise PlotUnavailable("matplotlib is not installed: pip install 'videofeat[plot]' "
                               "(or pip install matplotlib)") from None
-    matplotlib.use("Agg", force=True)  # files only: no display, and the same pixels on every machine
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 @dataclass
@@ -188,11 +187,10 @@ class Rendered:
 
 def render_timeline(timeline: VideoTimeline, width_px: int, height_px: int, dpi: int,
                     style: str = "auto") -> Rendered:
-    plt = _import_pyplot()
+    fig = _new_figure(width_px, height_px, dpi)
     style = resolve_style(style, timeline)
     # Fixed margins, not a layout engine: the axes sit where the same sizes always put them.
-    fig, (top, lane) = plt.subplots(2, 1, sharex=True, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
-                                    gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08})
+    top, lane = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08})
     fig.subplots_adjust(left=0.07, right=0.80, top=0.90, bottom=0.13)
     fig.patch.set_facecolor("white")
     num_colours = max(timeline.class_names, default=-1) + 1
@@ -300,7 +298,7 @@ def _legend(fig: Any, timeline: VideoTimeline, num_colours: int, title: str) -> 
 
 
 def draw(config: TimelineConfig) -> tuple[VideoTimeline, Rendered]:
-    """Read one video and draw it (the figure is left open: close it with ``close``)."""
+    """Read one video and draw it."""
     timeline = load_timeline(config)
     return timeline, render_timeline(timeline, config.width_px, config.height_px, config.dpi, config.style)
 
@@ -314,16 +312,9 @@ def plot_timeline(config: TimelineConfig) -> dict:
         fs.makedirs(parent, exist_ok=True)
     buffer = io.BytesIO()
     rendered.figure.savefig(buffer, format="png", dpi=config.dpi, facecolor="white")
-    close(rendered)
     fsutil.write_bytes_atomic(fs, path, buffer.getvalue())
     return {"output": config.output, "video_id": timeline.video_id, "view": timeline.view,
             "windows": int(len(timeline.center_s)), "kind": timeline.kind,
             "classes": len(timeline.class_names), "segments": len(timeline.segments),
             "labels_given": timeline.labels_given, "size": [config.width_px, config.height_px],
             "style": resolve_style(config.style, timeline) if timeline.kind == PROBS else LINES}
-
-
-def close(rendered: Rendered) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(rendered.figure)

@@ -16,10 +16,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from videofeat.manifests.manifest import ManifestRow
-from videofeat.manifests.status import FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
+from videofeat.manifests.status import CHANGED, FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
 from videofeat.manifests.windows import Sampling
 
 from videofeat.workers.decode.pool import DecodeEvent, DecodeJob, DecodePool
+from videofeat.workers.extract import preflight
 from videofeat.workers.extract.presets import WindowAssembler, window_times
 from videofeat.workers.shard_io import ShardWriter
 
@@ -45,6 +46,7 @@ class _Video:
     finished: bool = False
     record: Optional[VideoRecord] = None
     started: float = field(default_factory=time.monotonic)
+    changed: Optional[str] = None  # the decoder found another file than the manifest's: frames ignored
 
 
 def _plan_video(row: ManifestRow, sampling: Sampling) -> _Video:
@@ -82,8 +84,14 @@ class ShardPipeline:
 
     def run(self) -> list[dict]:
         """Process every row; returns the per-video stats records."""
-        jobs = [DecodeJob(i, v.row.uri, v.decode_start, v.decode_end, v.row.crop)
-                for i, v in enumerate(self.videos)]
+        jobs = []
+        for i, video in enumerate(self.videos):
+            refused = preflight.check_file(video.row)
+            if refused:
+                self._refuse(video, *refused)
+            else:
+                jobs.append(DecodeJob(i, video.row.uri, video.decode_start, video.decode_end, video.row.crop))
+        self._write_ready()
         for event in self.pool.run(jobs, self.should_stop):
             self._on_event(event)
         self._flush()  # raises Interrupted if the pool stopped early for a signal
@@ -93,8 +101,14 @@ class ShardPipeline:
     def _on_event(self, event: DecodeEvent) -> None:
         video = self.videos[event.key]
         if event.kind == "opened":
+            refused = preflight.check_opened(video.row, event.info)
+            if refused:
+                video.changed = refused[1]
+                log.warning("%s: %s: %s", video.row.video_id, CHANGED, video.changed)
             return
         if event.kind == "frame":
+            if video.changed:
+                return
             if video.assembler is None:
                 video.assembler = WindowAssembler(self.sampling, video.first_window, video.stop_window)
             for window, clip in video.assembler.add(event.index, event.frame, event.pts):
@@ -104,7 +118,10 @@ class ShardPipeline:
                     self._flush()
             return
         frames = event.frames_decoded
-        if event.kind == "done":
+        if video.changed:
+            video.record = VideoRecord(video.row.video_id, CHANGED, video.changed, frames, 0, None,
+                                       time.monotonic() - video.started)
+        elif event.kind == "done":
             windows = video.assembler.emitted if video.assembler else 0
             if windows == 0:
                 status, error = TOO_SHORT, (f"{frames} frames decoded, fewer than one window of "
@@ -126,6 +143,12 @@ class ShardPipeline:
         video.assembler = None if video.record.status not in (OK, FRAME_COUNT_MISMATCH) else video.assembler
         video.finished = True
         self._write_ready()
+
+    def _refuse(self, video: _Video, status: str, error: str) -> None:
+        """A video the pre-decode check turned away: a record, no decode, no rows."""
+        video.record = VideoRecord(video.row.video_id, status, error)
+        video.finished = True
+        log.warning("%s: %s: %s", video.row.video_id, status, error)
 
     def _flush(self) -> None:
         if self.should_stop():

@@ -153,6 +153,8 @@ def test_many_classes_draw_a_heat_strip_whose_colour_depth_is_the_probability(tm
 def test_plot_refuses_bad_input_and_plots_norms_without_a_head(tmp_path, capsys):
     run = make_run(tmp_path / "a", basic_videos())
     png = str(tmp_path / "t.png")
+    code, _, err = videofeat(capsys, "plot", str(tmp_path), "--video", VIDEO, "-o", png)
+    assert code == 2 and f"{tmp_path}/run.json does not exist" in err and "videofeat extract" in err, err
     code, _, err = videofeat(capsys, "plot", run.url, "--video", VIDEO, "-o", png)
     assert code == 2 and f"videofeat reduce {run.url}" in err, err
     reduce_run(ReduceConfig(run.url, marker_wait_s=0))

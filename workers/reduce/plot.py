@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from videofeat.manifests import fsutil
+from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.views import canonical_view
 from videofeat.workers.reduce.dataset import Dataset
 from videofeat.workers.reduce.export import fixed_list_to_numpy
@@ -132,6 +133,8 @@ def read_segments(path: str, video_id: str) -> tuple[tuple[tuple[int, float, flo
 
 
 def load_timeline(config: TimelineConfig) -> VideoTimeline:
+    # Not a run at all is another mistake than a run not reduced yet: name it (and the fix) first.
+    RunDir(config.run_dir).load_record()
     dataset = Dataset(config.run_dir, config.dataset)
     view = find_view(dataset, config.video_id, config.view)
     groups = dataset.metadata(view)["row_groups"][config.video_id]

@@ -22,7 +22,8 @@ from videofeat.workers.reduce.merge import ReduceConfig, reduce_run
 pytest.importorskip("matplotlib", reason="the plot extra: pip install -e '.[plot]'")
 from PIL import Image  # noqa: E402
 
-from videofeat.workers.reduce.plot import TimelineConfig, class_colour, draw, load_timeline  # noqa: E402
+from videofeat.workers.reduce.plot import (TimelineConfig, class_colour, draw, labelled_video,  # noqa: E402
+                                           load_timeline)
 
 VIDEO = "Rear_view_user_id_1_NoAudio_1"       # 200 frames: 11 windows, centres 0.53 .. 5.87 s
 HIGH = (2.0, 4.0)                              # class 2 is labelled, and predicted, in this range
@@ -120,6 +121,15 @@ def test_timeline_draws_segments_and_curves_where_the_data_says(plotted):
     pixels, ys = column(image, curves, outside, 0.0, 1.0)
     assert matches(pixels, 2).any() and np.all(ys[matches(pixels, 2)] < 0.05)
     assert matches(pixels, 0).any() and np.all(np.abs(ys[matches(pixels, 0)] - 0.75) < 0.03)
+
+
+def test_a_pipeline_finds_the_validation_video_to_draw(tmp_path):
+    run = make_run(tmp_path, basic_videos())
+    reduce_run(ReduceConfig(run.url, marker_wait_s=0))
+    labels = write_segments(str(tmp_path / "labels.parquet"))   # VIDEO is the only validation video
+    assert labelled_video(run.url, labels, "rear") == VIDEO
+    assert labelled_video(run.url, labels, "Dash") is None
+    assert labelled_video(run.url, labels, "rear", split="training") is None
 
 
 def test_many_classes_draw_a_heat_strip_whose_colour_depth_is_the_probability(tmp_path, capsys):

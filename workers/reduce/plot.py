@@ -132,6 +132,17 @@ def read_segments(path: str, video_id: str) -> tuple[tuple[tuple[int, float, flo
     return segments, names
 
 
+def labelled_video(run_dir: str, labels: str, view: str, split: str = "validation",
+                   dataset: Optional[str] = None) -> Optional[str]:
+    """The first video (by id) of ``view`` in the dataset with segments of ``split``: the one a
+    pipeline draws for each (set, view). None when the dataset has none."""
+    extracted = set(Dataset(run_dir, dataset).metadata(canonical_view(view))["row_groups"])
+    table = fsutil.read_parquet(labels, columns=["video_id", "split"])
+    wanted = {vid for vid, part in zip(table.column("video_id").to_pylist(), table.column("split").to_pylist())
+              if part == split}
+    return min(extracted & wanted, default=None)
+
+
 def load_timeline(config: TimelineConfig) -> VideoTimeline:
     # Not a run at all is another mistake than a run not reduced yet: name it (and the fix) first.
     RunDir(config.run_dir).load_record()

@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "videofeat reduce runs/vitl"),
     "export": ("videofeat.launcher.export_cmd", "write per-video files for temporal action localizers",
                "videofeat export runs/vitl --format actionformer -o feats/vitl --labels labels.parquet"),
+    "plot": ("videofeat.launcher.plot_cmd", "draw one video's class probabilities over time above its labels (PNG)",
+             "videofeat plot runs/vitl --video Rear_view_user_id_24026_NoAudio_1 --labels labels.parquet "
+             "-o timeline.png"),
     "finetune": ("videofeat.launcher.finetune", "fine-tune a VideoMAE-family ViT (also under torchrun)",
                  "videofeat finetune --config finetune.toml"),
     "slurm": ("videofeat.launcher.slurm.command", "submit extraction arrays, reruns and fine-tuning to SLURM",

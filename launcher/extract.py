@@ -92,7 +92,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shards takes comma-separated shard ids, got {args.shards!r}") from None
     from videofeat.workers.extract.loop import run_extraction
 
-    return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
+    try:
+        return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
+    except OSError as exc:
+        from videofeat.manifests.fsutil import is_no_space
+
+        if not is_no_space(exc):
+            raise
+        # Before any shard started (run.json, the plan): nothing was computed, nothing is lost.
+        print(f"videofeat extract: no space left on device under {config.output} ({exc}); free space there, "
+              "then run the same command again", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:

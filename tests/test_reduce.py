@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -79,9 +79,14 @@ def manifest_table(videos: list[Video]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def uniform_probs(video_id: str, windows: np.ndarray, classes: int) -> np.ndarray:
+    return np.full((len(windows), classes), 1.0 / classes, np.float32)
+
+
 def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, classes: int,
-                fingerprint: Optional[str] = None, stats_override: Optional[dict] = None) -> None:
-    """Write and commit one shard the way an extraction worker does."""
+                fingerprint: Optional[str] = None, stats_override: Optional[dict] = None,
+                probs_for: Callable[[str, np.ndarray, int], np.ndarray] = uniform_probs) -> None:
+    """Write and commit one shard the way an extraction worker does; ``probs_for(video_id, windows, classes)``."""
     fingerprint = fingerprint or run.fingerprint()
     tmp = run.temp_shard_path(shard_id)
     writer = ShardWriter(tmp, run.fs, shard_schema(dim, classes),
@@ -109,7 +114,7 @@ def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, class
                         start_frame=idx * HOP, end_frame=idx * HOP + SPAN, start_s=idx * HOP / FPS,
                         end_s=(idx * HOP + SPAN) / FPS, center_s=(idx * HOP + SPAN / 2) / FPS,
                         feature=features_for(v.video_id, idx, dim),
-                        probs=np.full((len(idx), classes), 1.0 / classes, np.float32) if classes else None)
+                        probs=probs_for(v.video_id, idx, classes) if classes else None)
                 total += len(idx)
             records.append(record)
     writer.close()
@@ -122,7 +127,8 @@ def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, class
 
 
 def make_run(root, videos: list[Video], dim: int = 8, classes: int = 4, skip: tuple = (),
-             views=("rear", "dashboard"), run_url: Optional[str] = None) -> RunDir:
+             views=("rear", "dashboard"), run_url: Optional[str] = None,
+             probs_for: Callable[[str, np.ndarray, int], np.ndarray] = uniform_probs) -> RunDir:
     """A run directory (``root/run`` or ``run_url``) with every shard of ``videos`` committed
     except those in ``skip``."""
     manifest = os.path.join(root, "manifest.parquet")
@@ -136,7 +142,7 @@ def make_run(root, videos: list[Video], dim: int = 8, classes: int = 4, skip: tu
     shards = sorted({s for v in videos for s, *_ in (v.pieces or [(v.shard,)]) if s is not None})
     for shard_id in shards:
         if shard_id not in skip:
-            write_shard(run, shard_id, videos, dim, classes)
+            write_shard(run, shard_id, videos, dim, classes, probs_for=probs_for)
     return run
 
 

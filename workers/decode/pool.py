@@ -281,6 +281,10 @@ class DecodePool:
         Returns early (jobs unfinished) once ``should_stop()`` is true, even while no frame arrives.
         """
         self.start()
+        # A decoder still busy here was left mid-video by a run its consumer abandoned (a shard that
+        # raised): its remaining frames belong to no one, and would reach this run under stale keys.
+        for worker in [w for w in self._workers if w.job is not None]:
+            self._replace(worker)
         pending = collections.deque(jobs)
         while not should_stop():
             for worker in self._workers:

@@ -3,10 +3,13 @@
 Rank 0 records the run (``run.json``, refusing a different fingerprint) and freezes a plan of
 the incomplete shards; the plan id is broadcast once, and from then on ranks claim shard ids
 through the rendezvous store's counter, with no collective. A SLURM array task instead runs the
-shard ids that an existing plan lists at its index. Each shard is committed through the ledger
-(Parquet under a temporary name, stats, marker last); a shard that raises gets an ``error``
-record and the rank moves on; SIGTERM/SIGUSR2 stop at the next batch with an ``interrupted``
-record and no marker.
+shard ids that an existing plan lists at its index. Before computing a shard a rank takes its
+claim file, so two launches on one run directory never compute a shard at the same time (one
+skips what the other holds, or finished after this launch began). Each shard is committed
+through the ledger (Parquet under a temporary name, stats, marker last); a shard that raises
+gets an ``error`` record and the rank moves on (when even the record cannot be written, on a
+full disk, it says so on stderr and exits non-zero); SIGTERM/SIGUSR2 stop at the next batch
+with an ``interrupted`` record and no marker.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from videofeat.manifests import fsutil
 from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
 from videofeat.manifests.manifest import ManifestRow
 
@@ -119,13 +123,11 @@ class _ShardLog:
     """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
 
     def __init__(self, run: RunDir, shard_id: int, attempt: int, rank: int):
-        from videofeat.manifests import fsutil
-
         self.run, self.path = run, run.log_path(shard_id, attempt)
         self.local = fsutil.is_local(run.fs)
         run.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
-            self.handler: logging.Handler = logging.FileHandler(self.path)
+            self.handler: logging.Handler = _FileLog(self.path)
         else:
             import io
 
@@ -144,6 +146,26 @@ class _ShardLog:
             self.run.fs.pipe_file(self.path, self._buffer.getvalue().encode())
 
 
+class _FileLog(logging.FileHandler):
+    """A shard's log file that, on a full disk, says so once on stderr instead of once per line."""
+
+    failed = False
+
+    def handleError(self, record: Optional[logging.LogRecord]) -> None:
+        if not self.failed:
+            self.failed = True
+            import sys
+
+            print(f"videofeat: cannot write the shard log {self.baseFilename}: {sys.exc_info()[1]}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines did not fit either
+            self.handleError(None)
+
+
 class Extractor:
     """One rank's extraction: owns the decode pool and the models for the rank's lifetime."""
 
@@ -159,6 +181,9 @@ class Extractor:
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
+        # Shards another launch committed after this moment are its fresh work, not ours to redo.
+        self.launched_ns = time.time_ns()
+        self.skipped: list[str] = []
 
     # ----- start-up (the only collectives) ------------------------------------------------
     def prepare(self, shard_ids: Optional[Sequence[int]], plan_id: Optional[str],
@@ -230,15 +255,47 @@ class Extractor:
                 outcome = self.extract_shard(shard_id)
                 if outcome == "interrupted":
                     return EXIT_INTERRUPTED
-                failures += outcome == "error"
+                failures += outcome in ("error", "unrecorded")
         finally:
             self.pool.close()
             self.progress.close()
             self.signals.restore()
+        if self.skipped:
+            log.info("skipped %d shard(s) that another launch holds or has finished: %s", len(self.skipped),
+                     "; ".join(self.skipped))
         return 1 if failures else 0
 
+    def _claim(self, shard_id: int):
+        """This process's claim on the shard, or None (after logging why) when it is not ours to compute."""
+        claim, holder = self.run.claim_shard(shard_id)
+        if claim is None:
+            self.skipped.append(f"{shard_name(shard_id)} ({holder})")
+            return None
+        if self.run.committed_since(shard_id, self.launched_ns) or not self.config.policy.wants(
+                self.run.records([shard_id], self.config.max_attempts)[0]):
+            self.skipped.append(f"{shard_name(shard_id)} (completed by another launch meanwhile)")
+            claim.release()
+            return None
+        return claim
+
     def extract_shard(self, shard_id: int) -> str:
-        """'done', 'error' or 'interrupted' (the failure is recorded in the run directory)."""
+        """'done', 'error', 'unrecorded' (an error its record could not hold), 'interrupted' or 'skipped'."""
+        try:
+            claim = self._claim(shard_id)
+        except OSError as exc:  # not even the claim fits (a full disk): say so, go on with the next shard
+            import sys
+
+            print(f"videofeat: shard {shard_name(shard_id)} not attempted: "
+                  f"{fsutil.describe_error(exc, self.run.claim_path(shard_id))}", file=sys.stderr, flush=True)
+            return "unrecorded"
+        if claim is None:
+            return "skipped"
+        try:
+            return self._extract_claimed(shard_id, claim)
+        finally:
+            claim.release()
+
+    def _extract_claimed(self, shard_id: int, claim) -> str:
         run, info = self.run, self.dist.info
         attempt = run.next_attempt(shard_id)
         shard_log = _ShardLog(run, shard_id, attempt, info.rank)
@@ -246,7 +303,7 @@ class Extractor:
         started, t0 = utc_now(), time.monotonic()
         log.info("shard %s attempt %d: host=%s pid=%d rank=%d", shard_name(shard_id), attempt, identity["host"],
                  os.getpid(), info.rank)
-        temp = None
+        temp = writer = None
         try:
             run.remove_temporaries(shard_id)
             run.uncommit(shard_id)
@@ -269,23 +326,26 @@ class Extractor:
                      "first_frame_s": None if pipeline.first_frame_s is None else round(pipeline.first_frame_s, 3),
                      "frames_decoded": sum(v["frames_decoded"] for v in videos), "videos": videos,
                      "batch_size": runner.max_batch or self.config.batch_size}
-            run.commit_shard(shard_id, temp, stats)
+            run.commit_shard(shard_id, temp, stats, claim)
             log.info("shard %s done: %d windows from %d videos in %.1f s", shard_name(shard_id),
                      stats["windows"], len(videos), stats["seconds"])
             return "done"
         except Interrupted as exc:
             log.warning("shard %s interrupted: %s", shard_name(shard_id), exc)
-            run.record_failure(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
-                               rank=info.rank)
+            _discard(run, writer, temp)
+            run.record_failure_or_say(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
+                                      rank=info.rank)
             return "interrupted"
         except Exception as exc:  # a per-shard failure: record it, move on to the next shard
             log.error("shard %s failed: %s", shard_name(shard_id), exc, exc_info=True)
-            run.record_failure(shard_id, attempt, "error", f"{type(exc).__name__}: {exc}",
-                               traceback.format_exc(), rank=info.rank)
-            return "error"
+            # The temporary goes before the record: on a full disk its blocks are the record's room.
+            _discard(run, writer, temp)
+            recorded = run.record_failure_or_say(shard_id, attempt, "error",
+                                                 fsutil.describe_error(exc, temp or run.shard_path(shard_id)),
+                                                 traceback.format_exc(), rank=info.rank)
+            return "error" if recorded else "unrecorded"
         finally:
-            if temp is not None and run.fs.exists(temp):
-                run.fs.rm(temp)
+            _discard(run, writer, temp)
             shard_log.close()
 
 
@@ -311,6 +371,14 @@ def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = N
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
+
+
+def _discard(run: RunDir, writer: Optional[ShardWriter], temp: Optional[str]) -> None:
+    """Close and remove an uncommitted temporary shard (a no-op once it was moved into place)."""
+    if writer is not None:
+        writer.abort()
+    if temp is not None:
+        fsutil.remove_quietly(run.fs, temp)
 
 
 def _largest_frame(rows_by_shard: dict[int, list[ManifestRow]], shard_ids: Sequence[int]) -> tuple[int, int]:

@@ -112,7 +112,7 @@ def _merge_view(report: CheckReport, view: str, videos: list[VideoCheck], files:
     # cost most of the write time and save nothing.
     ids = [name for name in ("video_id", "session_id", "view") if name in schema.names]
     writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd", use_dictionary=ids,
-                              write_statistics=ids + ["window_index"])
+                              write_statistics=ids + ["window_index"], write_page_checksum=True)
     try:
         for video in videos:
             if video.verdict != "complete" or not video.sources:
@@ -133,7 +133,7 @@ def _merge_view(report: CheckReport, view: str, videos: list[VideoCheck], files:
 def _read_video(video: VideoCheck, files: ShardFiles, schema: pa.Schema) -> pa.Table:
     parts = []
     for shard_id, groups in video.sources:
-        table = files.get(shard_id).read_row_groups(groups)
+        table = files.read(shard_id, groups)
         if not table.schema.equals(schema, check_metadata=False):
             raise ValueError(f"shard {shard_id:05d} has schema {table.schema} but this view's first shard has "
                              f"{schema}: shards of one run must share feature dim, dtype and head")

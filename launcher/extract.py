@@ -34,8 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--num-frames", type=int, help="frames fed to the model per window")
     sampling.add_argument("--frame-step", type=int, help="stride between those frames")
     sampling.add_argument("--size", type=int, help="model input height and width")
-    sampling.add_argument("--resize", choices=("exact", "fast"), default="exact",
-                          help="exact: the preset's seed-exact resize; fast: the decoder's scaler (~4-6/255 off)")
+    sampling.add_argument("--resize", choices=("exact", "bounded", "fast"), default="bounded",
+                          help="bounded (default): a vectorised kernel within the preset's bound of the seed "
+                               "(<= 1/255 of PIL for aicity-vitl); exact: the seed's own arithmetic (PIL); "
+                               "fast: the decoder's scaler (up to ~150/255 off on sharp edges)")
+    sampling.add_argument("--resize-on", choices=("auto", "decode", "device"), default="auto",
+                          help="where frames are resized: in the decode processes, or on the model's device "
+                               "(decode processes then only decode); auto: device on CUDA")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--decoder", choices=("pyav", "decord"), default="pyav")
     decoding.add_argument("--decode-procs", type=int, default=None,
@@ -74,7 +79,8 @@ def build_config(args: argparse.Namespace):
         manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
         checkpoints=parse_checkpoints(args.checkpoint), views=parse_views(args.views), span=args.span, hop=args.hop,
         num_frames=args.num_frames, frame_step=args.frame_step, size=args.size, resize=args.resize,
-        decoder=args.decoder, decode_procs=args.decode_procs or default_decode_procs(), decode_threads=args.decode_threads,
+        resize_on=args.resize_on, decoder=args.decoder, decode_procs=args.decode_procs or default_decode_procs(),
+        decode_threads=args.decode_threads,
         decode_stall_s=args.decode_stall_s, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         feature_dtype=args.feature_dtype, max_attempts=args.max_attempts, rerun_failed=args.rerun_failed,
         overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
@@ -86,10 +92,11 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input raises (ValueError, FileNotFoundError, FingerprintMismatch): the command runner
+    turns it into one message and exit 2, under ``videofeat`` and under torchrun alike."""
     init_logger(args.verbose)
     if (args.plan is None) != (args.task_index is None):
-        print("videofeat extract: --plan and --task-index go together", file=sys.stderr)
-        return 2
+        raise ValueError("--plan and --task-index go together")
     config = build_config(args)
     try:
         shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
@@ -97,17 +104,27 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shards takes comma-separated shard ids, got {args.shards!r}") from None
     from videofeat.workers.extract.loop import run_extraction
 
-    return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
+    try:
+        return run_extraction(config, shard_ids=shard_ids, plan_id=args.plan, task_index=args.task_index)
+    except OSError as exc:
+        from videofeat.manifests.fsutil import is_no_space
+
+        if not is_no_space(exc):
+            raise
+        # Before any shard started (run.json, the plan): nothing was computed, nothing is lost.
+        print(f"videofeat extract: no space left on device under {config.output} ({exc}); free space there, "
+              "then run the same command again", file=sys.stderr)
+        return 1
 
 
 def main(argv=None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command, run_command
+    from videofeat.launcher.cli import parse_and_run
 
-    args, module = parse_command("extract", sys.argv[1:] if argv is None else argv)
-    return record(run_command)("extract", module, args)
+    # Parsing inside: a bad flag under torchrun is one message and exit 2 like any other bad input.
+    return int(record(parse_and_run)("extract", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

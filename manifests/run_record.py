@@ -103,5 +103,5 @@ def _maybe_int(value: Any) -> Optional[int]:
 # (config key, flag, default): the extraction flags that change features; speed flags are left out.
 _FEATURE_FLAGS = (("model", "--model", None), ("span", "--span", None), ("hop", "--hop", None),
                   ("num_frames", "--num-frames", None), ("frame_step", "--frame-step", None),
-                  ("size", "--size", None), ("resize", "--resize", "exact"), ("decoder", "--decoder", "pyav"),
+                  ("size", "--size", None), ("resize", "--resize", "bounded"), ("decoder", "--decoder", "pyav"),
                   ("dtype", "--dtype", "auto"), ("feature_dtype", "--feature-dtype", "float32"))

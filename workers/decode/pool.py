@@ -1,4 +1,8 @@
-"""A pool of long-lived, spawned decode processes with a watchdog in the parent.
+"""A pool of long-lived decode processes with a watchdog in the parent.
+
+Decode processes start from a fresh interpreter, never forked from the parent (which may hold
+CUDA state and threads): spawned, or, when the resize kernel is torch's, forked from a fork
+server that imported torch once (``forkserver_preload.py``).
 
 Why not DataLoader workers: one segfaulting DataLoader worker ends the whole iterator, and a
 hanging one hangs it. Here each decode process decodes one video at a time and the parent
@@ -14,11 +18,18 @@ small messages (< 4 KB, so a pipe write is atomic) go through a pipe: a process 
 moment can never leave half a message behind. A semaphore counts free ring slots; it is the
 backpressure (a process waits when the parent is busy with the model), and "had room" above
 means that semaphore was not zero. Frames are resized in the decode process, right after
-decoding (see ``resize.py``), so full-size frames never cross the process boundary. A pool may
-hold several resizes (feature sets of different presets fed from one decode): each decoded
-frame is resized once per resize, and a ring slot holds one frame of each.
+decoding (see ``resize.py``), so full-size frames cross the process boundary only when
+``--resize-on device`` asks for them (:class:`~videofeat.workers.decode.resize.FullFrame`).
 
-The child side imports only the decoders, the resize functions and numpy.
+A slot holds the largest frame the transform can give (``frame_spec``); each ``frame`` message
+names the frame's shape, so a slot sized for the largest crop box also carries smaller ones.
+
+A pool may hold several resizes (feature sets of different presets fed from one decode): each
+decoded frame is resized once per resize, each resize has its own ring in the shared memory,
+and a ``frame`` message's slot holds one frame of each.
+
+The child side imports only the decoders, the resize functions and numpy (and torch, when the
+resize kernel is torch's: see ``resize.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +43,18 @@ import signal
 import time
 from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNREADABLE, describe_exit
+from videofeat.manifests.status import (CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNAVAILABLE, UNREADABLE,
+                                        describe_exit)
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
-from videofeat.workers.decode.resize import FrameResize
+from videofeat.workers.decode.resize import FrameResize, FullFrame
 from videofeat.workers.signals import ignore_stop_signals
+
+Transform = Union[FrameResize, FullFrame]
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +119,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def _slot_view(slots: np.ndarray, slot: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Frame ``shape`` in ring slot ``slot`` (a flat byte row), without a copy."""
+    return slots[slot, :int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
 class _Resizes:
     """Several resizes of one decoded frame (picklable; runs in the decode process)."""
 
     def __init__(self, resizes: tuple[FrameResize, ...]):
         self.resizes = resizes
+        self.uses_torch = any(getattr(r, "uses_torch", False) for r in resizes)
+
+    def prepare(self) -> None:
+        for resize in self.resizes:
+            resize.prepare()
 
     def decoder_size(self, in_h: int, in_w: int) -> Optional[tuple[int, int]]:
         return self.resizes[0].decoder_size(in_h, in_w)  # fast resizing allows one resize only
@@ -118,24 +142,18 @@ class _Resizes:
         return tuple(resize(frame) for resize in self.resizes)
 
 
-def _ring_offsets(ring: int, specs: tuple) -> list[int]:
-    """Byte offset of each spec's ring, 64-byte aligned (a float32 ring may follow a uint8 one)."""
-    offsets, offset = [], 0
-    for shape, dtype in specs:
-        offsets.append(offset)
-        offset += -(-ring * int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
-    return offsets + [offset]
+def _slot_bytes(specs: tuple) -> list[int]:
+    """Bytes of one slot of each spec's ring, 64-byte aligned (a float32 ring may follow a uint8 one)."""
+    return [-(-max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize) // 64) * 64 for shape, dtype in specs]
 
 
-def _ring_views(buffer: Any, ring: int, specs: tuple) -> list[np.ndarray]:
-    """One ``(ring, *shape)`` array per (shape, dtype) spec, laid out back to back in ``buffer``."""
-    offsets = _ring_offsets(ring, specs)
-    return [np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=buffer, offset=offsets[i])
-            for i, (shape, dtype) in enumerate(specs)]
-
-
-def _ring_bytes(ring: int, specs: tuple) -> int:
-    return _ring_offsets(ring, specs)[-1]
+def _rings(buffer: Any, ring: int, specs: tuple) -> list[np.ndarray]:
+    """One ``(ring, slot_bytes)`` byte array per (shape, dtype) spec, back to back in ``buffer``."""
+    out, offset = [], 0
+    for size in _slot_bytes(specs):
+        out.append(np.ndarray((ring, size), dtype=np.uint8, buffer=buffer, offset=offset))
+        offset += ring * size
+    return out
 
 
 def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tuple,
@@ -144,9 +162,10 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
     ignore_stop_signals()
+    resize.prepare()  # before the first job: an import here is not a stalled frame
     shm = shared_memory.SharedMemory(name=shm_name)
-    rings = _ring_views(shm.buf, ring, specs)
-    shapes = [tuple(shape) for shape, _ in specs]
+    specs = tuple((tuple(shape), np.dtype(dtype)) for shape, dtype in specs)
+    rings = _rings(shm.buf, ring, specs)
     slot = 0
     while True:
         job = tasks.recv()
@@ -162,23 +181,32 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                 continue
             with open_video(job.uri, backend, crop=job.crop, threads=threads) as source:
                 info = {"fps": str(source.fps) if source.fps else None, "width": source.width,
-                        "height": source.height, "container_frames": source.num_frames}
+                        "height": source.height, "container_frames": source.num_frames, "rotation": source.rotation}
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
                 for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):
                     outs = rgb if isinstance(rgb, tuple) else (rgb,)
-                    for out, shape in zip(outs, shapes):
-                        if out.shape != shape:
-                            raise ValueError(f"frame of shape {out.shape}, expected {shape}")
+                    for out, (shape, dtype) in zip(outs, specs):
+                        if out.dtype != dtype or out.ndim != 3 or any(a > b for a, b in zip(out.shape, shape)):
+                            raise ValueError(f"{job.uri}: frame of shape {out.shape} {out.dtype}, expected at "
+                                             f"most {shape} {dtype}; the manifest's width, height or crop columns "
+                                             "are wrong for it: probe it again with `videofeat manifest`")
                     free.acquire()
-                    for slots, out in zip(rings, outs):
-                        slots[slot] = out
-                    messages.send(("frame", job.key, index, slot, pts))
+                    for slots, out, (_, dtype) in zip(rings, outs, specs):
+                        _slot_view(slots, slot, out.shape, dtype)[...] = out
+                    # One resize: its shape; several: the tuple of their shapes.
+                    shapes = outs[0].shape if len(outs) == 1 else tuple(o.shape for o in outs)
+                    messages.send(("frame", job.key, index, slot, pts, shapes))
                     slot = (slot + 1) % ring
                     count += 1
             messages.send(("done", job.key, count))
         except VideoOpenError as exc:
-            messages.send(("failed", job.key, UNREADABLE, str(exc), None, count))
+            # Jobs come from a manifest whose probe read the file: one that cannot be read now
+            # (moved, permissions, I/O) may be readable on the next attempt.
+            status = UNAVAILABLE if exc.io_error else UNREADABLE
+            messages.send(("failed", job.key, status, str(exc), None, count))
+        except OSError as exc:  # the stat above: the file is gone or unreachable
+            messages.send(("failed", job.key, UNAVAILABLE, f"cannot read {job.uri}: {exc}", None, count))
         except VideoDecodeError as exc:
             messages.send(("failed", job.key, DECODE_ERROR, str(exc)[:2000], exc.frame_index, count))
         except Exception as exc:  # any other decoder failure is about this video, not the pool
@@ -191,8 +219,9 @@ class _Worker:
 
     def __init__(self, ctx: Any, config: PoolConfig, resize: Any, specs: tuple):
         self.ring = config.ring
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, _ring_bytes(config.ring, specs)))
-        self.rings = _ring_views(self.shm.buf, config.ring, specs)
+        self.dtypes = [np.dtype(dtype) for _, dtype in specs]
+        self.shm = shared_memory.SharedMemory(create=True, size=config.ring * sum(_slot_bytes(specs)))
+        self.rings = _rings(self.shm.buf, config.ring, specs)
         self.free = ctx.Semaphore(config.ring)
         task_read, self.tasks = ctx.Pipe(duplex=False)
         self.messages, message_write = ctx.Pipe(duplex=False)
@@ -244,13 +273,13 @@ class DecodePool:
 
     POLL_S = 0.5
 
-    def __init__(self, config: PoolConfig, resize: FrameResize | tuple[FrameResize, ...],
+    def __init__(self, config: PoolConfig, resize: Union[Transform, tuple[FrameResize, ...]],
                  frame_shape: Optional[tuple] = None, frame_dtype: Any = None):
-        """``resize``: one resize (``frame_shape``/``frame_dtype`` as :func:`frame_spec` gives), or a
+        """``resize``: one transform (``frame_shape``/``frame_dtype`` as :func:`frame_spec` gives), or a
         tuple of distinct resizes, each applied once per decoded frame."""
         self.config = config
         if isinstance(resize, tuple):
-            if any(r.fast for r in resize) and len(resize) > 1:
+            if len(resize) > 1 and any(r.fast for r in resize):
                 raise ValueError("--resize fast gives one size per decode: it cannot feed several resizes")
             self.resizes = resize
             self.specs = tuple(frame_spec(r) for r in resize)
@@ -260,7 +289,7 @@ class DecodePool:
             self.specs = ((tuple(frame_shape), np.dtype(frame_dtype)),)
             self.resize = resize
         self.shape, self.dtype = self.specs[0]
-        self._ctx = mp.get_context("spawn")
+        self._ctx = self._context(self.resize)
         self._workers: list[_Worker] = []
         self.respawns = 0
 
@@ -274,6 +303,19 @@ class DecodePool:
     def start(self) -> None:
         while len(self._workers) < self.config.procs:
             self._workers.append(self._spawn())
+
+    @staticmethod
+    def _context(resize: Transform) -> Any:
+        """spawn, or a fork server that imported torch once when the kernel is torch's.
+
+        Both start decode processes from a fresh interpreter, never from this process (which may
+        hold CUDA state and threads). See ``forkserver_preload.py`` for what the server saves.
+        """
+        if not getattr(resize, "uses_torch", False):
+            return mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["videofeat.workers.decode.forkserver_preload"])
+        return ctx
 
     def _spawn(self) -> _Worker:
         return _Worker(self._ctx, self.config, self.resize, self.specs)
@@ -295,6 +337,10 @@ class DecodePool:
         Returns early (jobs unfinished) once ``should_stop()`` is true, even while no frame arrives.
         """
         self.start()
+        # A decoder still busy here was left mid-video by a run its consumer abandoned (a shard that
+        # raised): its remaining frames belong to no one, and would reach this run under stale keys.
+        for worker in [w for w in self._workers if w.job is not None]:
+            self._replace(worker)
         pending = collections.deque(jobs)
         while not should_stop():
             for worker in self._workers:
@@ -322,10 +368,11 @@ class DecodePool:
             if kind == "opened":
                 yield DecodeEvent("opened", key, info=message[2])
             elif kind == "frame":
-                _, _, index, slot, pts = message
+                _, _, index, slot, pts, shape = message
                 worker.next_frame, worker.frames = index + 1, worker.frames + 1
-                frames = tuple(r[slot] for r in worker.rings)
                 try:
+                    shapes = (shape,) if len(worker.rings) == 1 else shape
+                    frames = tuple(_slot_view(r, slot, s, d) for r, s, d in zip(worker.rings, shapes, worker.dtypes))
                     yield DecodeEvent("frame", key, index=index, frame=frames[0], frames=frames, pts=pts)
                 finally:
                     worker.free.release()
@@ -370,10 +417,9 @@ class DecodePool:
         self._workers = []
 
 
-def frame_spec(resize: FrameResize) -> tuple[tuple[int, int, int], np.dtype]:
-    """Shape and dtype of the frames a decode process delivers for ``resize``."""
-    dtype = np.float32 if (resize.method == "interpolate_bilinear" and not resize.fast) else np.uint8
-    return (resize.size, resize.size, 3), np.dtype(dtype)
+def frame_spec(resize: Transform) -> tuple[tuple[int, int, int], np.dtype]:
+    """Shape (the largest, for :class:`FullFrame`) and dtype of the frames ``resize`` delivers."""
+    return tuple(resize.out_shape), np.dtype(resize.out_dtype)
 
 
 MAX_DEFAULT_DECODE_PROCS = 8

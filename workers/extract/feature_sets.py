@@ -139,8 +139,10 @@ def parse_feature_sets(path: str, data: Mapping[str, Any]) -> tuple[FeatureSet, 
             if key in table:
                 value = table[key]
                 if key == "resize":
-                    if value not in ("exact", "fast"):
-                        raise _error(path, where, f"resize must be 'exact' or 'fast', got {value!r}")
+                    from videofeat.workers.decode.resize import KERNELS
+
+                    if value not in KERNELS:
+                        raise _error(path, where, f"resize must be one of {', '.join(KERNELS)}, got {value!r}")
                 else:
                     value = _int(path, where, key, value)
                 values[field_name] = value
@@ -188,6 +190,6 @@ def build_feature_sets(path: str, root: str, common_kwargs: Mapping[str, Any]) -
     resizes = {c.resolved_preset().frame_resize for _, c in configs}
     if len(resizes) > 1 and any(r.fast for r in resizes):
         raise ValueError(f"{path}: resize = \"fast\" uses the decoder's own scaler, which gives one size per "
-                         "decode; with sets of different presets or sizes use resize = \"exact\"")
+                         "decode; with sets of different presets or sizes use another resize kernel")
     return FeatureSets(os.path.abspath(path) if "://" not in path else path, root, tuple(configs))
 

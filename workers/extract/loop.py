@@ -3,10 +3,13 @@
 Rank 0 records the run (``run.json``, refusing a different fingerprint) and freezes a plan of
 the incomplete shards; the plan id is broadcast once, and from then on ranks claim shard ids
 through the rendezvous store's counter, with no collective. A SLURM array task instead runs the
-shard ids that an existing plan lists at its index. Each shard is committed through the ledger
-(Parquet under a temporary name, stats, marker last); a shard that raises gets an ``error``
-record and the rank moves on; SIGTERM/SIGUSR2 stop at the next batch with an ``interrupted``
-record and no marker.
+shard ids that an existing plan lists at its index. Before computing a shard a rank takes its
+claim file, so two launches on one run directory never compute a shard at the same time (one
+skips what the other holds, or finished after this launch began). Each shard is committed
+through the ledger (Parquet under a temporary name, stats, marker last); a shard that raises
+gets an ``error`` record and the rank moves on (when even the record cannot be written, on a
+full disk, it says so on stderr and exits non-zero); SIGTERM/SIGUSR2 stop at the next batch
+with an ``interrupted`` record and no marker.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from videofeat.manifests import fsutil
 from videofeat.manifests.fingerprint import compute_fingerprint
 from videofeat.manifests.ledger import (FingerprintMismatch, RerunPolicy, RunDir, process_identity, shard_name,
                                         utc_now)
+from videofeat.manifests.manifest import ManifestRow
 from videofeat.manifests.set_root import write_set_root
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
+from videofeat.workers.decode.resize import FullFrame
 from videofeat.workers.distributed import Distributed
 from videofeat.workers.extract.feature_sets import FeatureSets
 from videofeat.workers.signals import StopSignals
@@ -35,6 +41,10 @@ from videofeat.workers.extract.pipeline import Interrupted, ShardOutput, ShardPi
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
+RESIZE_ON = ("auto", "decode", "device")
+# Ring slots per decode process for full-size frames (--resize-on device): the parent resizes
+# each frame as it arrives, so a few slots keep the decoder busy; 16 at 1080p is 100 MB.
+FULL_FRAME_RING = 16
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,8 @@ class ExtractConfig:
     num_frames: Optional[int] = None
     frame_step: Optional[int] = None
     size: Optional[int] = None
-    resize: str = "exact"
+    resize: str = "bounded"
+    resize_on: str = "auto"
     decoder: str = "pyav"
     decode_procs: int = 2
     decode_threads: int = 1
@@ -70,8 +81,12 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         from videofeat.workers.decode.decoders import BACKENDS
 
-        if self.resize not in ("exact", "fast"):
-            raise ValueError(f"--resize must be 'exact' or 'fast', got {self.resize!r}")
+        from videofeat.workers.decode.resize import KERNELS
+
+        if self.resize not in KERNELS:
+            raise ValueError(f"--resize must be one of {', '.join(KERNELS)}, got {self.resize!r}")
+        if self.resize_on not in RESIZE_ON:
+            raise ValueError(f"--resize-on must be one of {', '.join(RESIZE_ON)}, got {self.resize_on!r}")
         if self.decoder not in BACKENDS:
             raise ValueError(f"--decoder must be one of {', '.join(BACKENDS)}, got {self.decoder!r}")
         if self.feature_dtype not in ("float32", "float16"):
@@ -83,11 +98,25 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
         PoolConfig(self.decode_procs, self.decode_stall_s, self.decoder, self.decode_threads)
-        self.resolved_preset()
+        resize = self.resolved_preset().frame_resize
+        if self.resize_on == "device":
+            if resize.fast:
+                raise ValueError("--resize fast scales inside the decoder: it cannot run with --resize-on device")
+            if resize.kernel == "exact" and resize.method != "interpolate_bilinear":
+                raise ValueError("--resize exact is PIL's own arithmetic, which runs in the decode process: use "
+                                 "--resize-on decode, or --resize bounded (within 1/255 of PIL) on the device")
 
     def resolved_preset(self):
         return resolve_preset(self.preset, span=self.span, hop=self.hop, num_frames=self.num_frames,
-                              step=self.frame_step, size=self.size, fast_resize=self.resize == "fast")
+                              step=self.frame_step, size=self.size, kernel=self.resize)
+
+    def resize_on_device(self, device_type: str) -> bool:
+        """Where the resize runs: ``auto`` is the device on CUDA, when the kernel can run there."""
+        if self.resize_on != "auto":
+            return self.resize_on == "device"
+        resize = self.resolved_preset().frame_resize
+        exact_pil = resize.kernel == "exact" and resize.method != "interpolate_bilinear"
+        return device_type == "cuda" and not resize.fast and not exact_pil
 
     @property
     def policy(self) -> RerunPolicy:
@@ -98,13 +127,11 @@ class _ShardLog:
     """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
 
     def __init__(self, run: RunDir, shard_id: int, attempt: int, rank: int):
-        from videofeat.manifests import fsutil
-
         self.run, self.path = run, run.log_path(shard_id, attempt)
         self.local = fsutil.is_local(run.fs)
         run.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         if self.local:
-            self.handler: logging.Handler = logging.FileHandler(self.path)
+            self.handler: logging.Handler = _FileLog(self.path)
         else:
             import io
 
@@ -121,6 +148,26 @@ class _ShardLog:
         self.handler.close()
         if not self.local:
             self.run.fs.pipe_file(self.path, self._buffer.getvalue().encode())
+
+
+class _FileLog(logging.FileHandler):
+    """A shard's log file that, on a full disk, says so once on stderr instead of once per line."""
+
+    failed = False
+
+    def handleError(self, record: Optional[logging.LogRecord]) -> None:
+        if not self.failed:
+            self.failed = True
+            import sys
+
+            print(f"videofeat: cannot write the shard log {self.baseFilename}: {sys.exc_info()[1]}",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last buffered lines did not fit either
+            self.handleError(None)
 
 
 @dataclass
@@ -179,6 +226,9 @@ class Extractor:
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
+        # Shards another launch committed after this moment are its fresh work, not ours to redo.
+        self.launched_ns = time.time_ns()
+        self.skipped: list[str] = []
 
     @property
     def plan_dir(self) -> RunDir:
@@ -261,14 +311,28 @@ class Extractor:
         self.signals.install()
         counter = self.dist.counter(f"videofeat/claim/{plan_id}") if claim else None
         span = max(m.preset.sampling.span for m in self.members)
+        ring = max(48, span + 16)
+        self.frame_transforms: list = [None] * len(self.resizes)
+        if all(m.config.resize_on_device(self.models.device.type) for m in self.members):
+            from videofeat.workers.decode.device_resize import DeviceResize
+
+            # Full-size frames cross once; each distinct resize runs on the device for its sets.
+            self.frame_transforms = [DeviceResize(r, self.models.device) for r in self.resizes]
+            full, ring = FullFrame(*_largest_frame(self.rows_by_shard, todo)), FULL_FRAME_RING
+            log.info("resizing on %s: decode processes ship frames of up to %dx%d, %d ring slots of %.1f MB each",
+                     self.models.device, full.max_width, full.max_height, ring,
+                     full.max_width * full.max_height * 3 / 2**20)
         pool_cfg = PoolConfig(self.config.decode_procs, self.config.decode_stall_s, self.config.decoder,
-                              self.config.decode_threads, ring=max(48, span + 16))
+                              self.config.decode_threads, ring=ring)
         totals = {m.name or "": sum(m.models.expected_windows(self.rows_by_shard[s]) for s in m.todo)
                   for m in self.members}
         self.progress = Progress(sum(totals.values()), self.dist, plan_id, enabled=self.config.progress,
                                  sets=tuple(totals) if self.sets is not None else ())
         failures = 0
-        if len(self.resizes) == 1:
+        if self.frame_transforms[0] is not None:
+            shape, dtype = frame_spec(full)
+            self.pool = DecodePool(pool_cfg, full, shape, dtype)
+        elif len(self.resizes) == 1:
             shape, dtype = frame_spec(self.resizes[0])
             self.pool = DecodePool(pool_cfg, self.resizes[0], shape, dtype)
         else:
@@ -287,21 +351,68 @@ class Extractor:
                 outcome = self.extract_shard(shard_id)
                 if outcome == "interrupted":
                     return EXIT_INTERRUPTED
-                failures += outcome == "error"
+                failures += outcome in ("error", "unrecorded")
         finally:
             self.pool.close()
             self.progress.close()
             self.signals.restore()
+        if self.skipped:
+            log.info("skipped %d shard(s) that another launch holds or has finished: %s", len(self.skipped),
+                     "; ".join(self.skipped))
         return 1 if failures else 0
 
-    def extract_shard(self, shard_id: int) -> str:
-        """'done', 'error' or 'interrupted' (each failure is recorded in its set's run directory).
+    def _claim(self, member: _Member, shard_id: int):
+        """This process's claim on the member's shard, or None (after logging why) when it is not ours."""
+        run, label = member.run, shard_name(shard_id) + (f" of set {member.name}" if member.name else "")
+        claim, holder = run.claim_shard(shard_id)
+        if claim is None:
+            self.skipped.append(f"{label} ({holder})")
+            return None
+        if run.committed_since(shard_id, self.launched_ns) or not member.config.policy.wants(
+                run.records([shard_id], member.config.max_attempts)[0]):
+            self.skipped.append(f"{label} (completed by another launch meanwhile)")
+            claim.release()
+            return None
+        return claim
 
-        The shard is decoded once for every member that misses it; a member that cannot start
-        or commit the shard records its own error and leaves the others alone.
+    def extract_shard(self, shard_id: int) -> str:
+        """'done', 'error', 'unrecorded' (an error its record could not hold), 'interrupted' or 'skipped'.
+
+        The shard is decoded once for every member that misses it and whose claim this process
+        takes; a member that cannot start or commit the shard records its own error and leaves
+        the others alone.
         """
+        claimed: list[tuple[_Member, object]] = []
+        unrecorded = False
+        try:
+            for member in self.members:
+                if shard_id not in member.todo:
+                    continue
+                try:
+                    claim = self._claim(member, shard_id)
+                except OSError as exc:  # not even the claim fits (a full disk): say so, go on
+                    import sys
+
+                    print(f"videofeat: shard {shard_name(shard_id)} not attempted"
+                          f"{f' for set {member.name}' if member.name else ''}: "
+                          f"{fsutil.describe_error(exc, member.run.claim_path(shard_id))}", file=sys.stderr,
+                          flush=True)
+                    unrecorded = True
+                    continue
+                if claim is not None:
+                    claimed.append((member, claim))
+            if not claimed:
+                return "unrecorded" if unrecorded else "skipped"
+            outcome = self._extract_claimed(shard_id, claimed)
+            return "unrecorded" if unrecorded and outcome == "done" else outcome
+        finally:
+            for _, claim in claimed:
+                claim.release()
+
+    def _extract_claimed(self, shard_id: int, claimed: list) -> str:
         info = self.dist.info
-        members = [m for m in self.members if shard_id in m.todo]
+        members = [m for m, _ in claimed]
+        claims = dict((id(m), c) for m, c in claimed)
         attempts = [m.run.next_attempt(shard_id) for m in members]
         shard_logs = [_ShardLog(m.run, shard_id, a, info.rank) for m, a in zip(members, attempts)]
         identity = process_identity(info.rank, info.world_size)
@@ -313,16 +424,20 @@ class Extractor:
         rows = self.rows_by_shard[shard_id]
         view = rows[0].view
         active: list[tuple[_Member, int, str, Any, Any]] = []  # member, attempt, temp path, writer, runner
-        failed = False
+        outcome = "done"
 
-        def fail(member: _Member, attempt: int, exc: Exception) -> None:
+        def fail(member: _Member, attempt: int, exc: Exception, temp: Optional[str]) -> None:
+            nonlocal outcome
             log.error("shard %s failed: %s", shard_name(shard_id), member.error(str(exc)), exc_info=True)
-            member.run.record_failure(shard_id, attempt, "error", f"{type(exc).__name__}: {exc}",
-                                      traceback.format_exc(), rank=info.rank)
+            recorded = member.run.record_failure_or_say(
+                shard_id, attempt, "error", fsutil.describe_error(exc, temp or member.run.shard_path(shard_id)),
+                traceback.format_exc(), rank=info.rank)
+            if outcome != "unrecorded":
+                outcome = "error" if recorded else "unrecorded"
 
         try:
             for member, attempt in zip(members, attempts):
-                run = member.run
+                run, temp, writer = member.run, None, None
                 try:
                     run.remove_temporaries(shard_id)
                     run.uncommit(shard_id)
@@ -333,13 +448,16 @@ class Extractor:
                     lineage = dict(member.models.lineage(view), shard_id=shard_id,
                                    fingerprint=member.record["fingerprint"], preset=member.preset.to_dict(),
                                    fps={r.video_id: r.fps for r in rows})
-                    active.append((member, attempt, temp, ShardWriter(temp, run.fs, schema, lineage), runner))
+                    writer = ShardWriter(temp, run.fs, schema, lineage)
+                    active.append((member, attempt, temp, writer, runner))
                 except Exception as exc:  # this set cannot take the shard; the others still can
-                    fail(member, attempt, exc)
-                    failed = True
+                    # The temporary goes before the record: on a full disk its blocks are the record's room.
+                    _discard(run, writer, temp)
+                    fail(member, attempt, exc, temp)
             if not active:
-                return "error"
-            outputs = [ShardOutput(m.preset.sampling, runner, writer, m.frame, m.name or "")
+                return outcome
+            outputs = [ShardOutput(m.preset.sampling, runner, writer, m.frame if self.frame_transforms[0] is None
+                                   else 0, m.name or "", self.frame_transforms[m.frame])
                        for m, _, _, writer, runner in active]
             pipeline = ShardPipeline(rows, outputs, self.pool, self.config.batch_size, self.config.feature_dtype,
                                      lambda: self.signals.received is not None, self.progress.windows,
@@ -349,22 +467,24 @@ class Extractor:
                 writer.close()
         except Interrupted as exc:
             log.warning("shard %s interrupted: %s", shard_name(shard_id), exc)
-            for member, attempt in zip(members, attempts):
-                member.run.record_failure(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
-                                          rank=info.rank)
             self._clean(active, shard_logs)
+            for member, attempt in zip(members, attempts):
+                member.run.record_failure_or_say(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
+                                                 rank=info.rank)
             return "interrupted"
         except Exception as exc:  # a per-shard failure: record it for every set, move on to the next shard
-            for member, attempt, *_ in active:
-                fail(member, attempt, exc)
-            self._clean(active, shard_logs)
-            return "error"
+            self._clean(active, [])
+            for member, attempt, temp, _, _ in active:
+                fail(member, attempt, exc, temp)
+            self._clean([], shard_logs)
+            return outcome
         seconds = round(time.monotonic() - t0, 3)
         video_frames = sum(r.piece_end_frame - r.piece_start_frame for r in rows)
         for i, (member, attempt, temp, _, runner) in enumerate(active):
             stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": member.record["fingerprint"],
                      **identity, "started": started, "finished": utc_now(), "seconds": seconds,
                      "windows": pipeline.windows_written(i),
+                     "first_frame_s": None if pipeline.first_frame_s is None else round(pipeline.first_frame_s, 3),
                      "frames_decoded": sum(v["frames_decoded"] for v in videos[i]), "videos": videos[i],
                      "batch_size": runner.max_batch or self.config.batch_size}
             if self.sets is not None:
@@ -373,21 +493,20 @@ class Extractor:
                                    "video_frames": video_frames, "decoded_per_video_frame":
                                        round(pipeline.frames_decoded / video_frames, 4) if video_frames else None}
             try:
-                member.run.commit_shard(shard_id, temp, stats)
+                member.run.commit_shard(shard_id, temp, stats, claims[id(member)])
             except Exception as exc:
-                fail(member, attempt, exc)
-                failed = True
+                fsutil.remove_quietly(member.run.fs, temp)
+                fail(member, attempt, exc, temp)
                 continue
             log.info("shard %s done%s: %d windows from %d videos in %.1f s", shard_name(shard_id),
                      f" for set {member.name}" if member.name else "", stats["windows"], len(videos[i]), seconds)
         self._clean(active, shard_logs)
-        return "error" if failed else "done"
+        return outcome
 
     @staticmethod
     def _clean(active: list, shard_logs: list) -> None:
-        for member, _, temp, _, _ in active:
-            if member.run.fs.exists(temp):
-                member.run.fs.rm(temp)
+        for member, _, temp, writer, _ in active:
+            _discard(member.run, writer, temp)
         for shard_log in shard_logs:
             shard_log.close()
 
@@ -417,3 +536,24 @@ def run_extraction(config: ExtractConfig | FeatureSets, shard_ids: Optional[Sequ
         return extractor.execute(plan, todo, claim=plan_id is None or dist.info.world_size > 1)
     finally:
         dist.close()
+
+
+def _discard(run: RunDir, writer: Optional[ShardWriter], temp: Optional[str]) -> None:
+    """Close and remove an uncommitted temporary shard (a no-op once it was moved into place)."""
+    if writer is not None:
+        writer.abort()
+    if temp is not None:
+        fsutil.remove_quietly(run.fs, temp)
+
+
+def _largest_frame(rows_by_shard: dict[int, list[ManifestRow]], shard_ids: Sequence[int]) -> tuple[int, int]:
+    """(height, width) of the largest frame, after its crop box, among the videos of ``shard_ids``."""
+    height = width = 0
+    for shard_id in shard_ids:
+        for row in rows_by_shard[shard_id]:
+            w, h = (row.crop[2], row.crop[3]) if row.crop else (row.width, row.height)
+            if not w or not h:
+                raise ValueError(f"manifest row {row.video_id} has no frame size (width, height): "
+                                 "rebuild the manifest with `videofeat manifest`, or use --resize-on decode")
+            height, width = max(height, int(h)), max(width, int(w))
+    return height, width

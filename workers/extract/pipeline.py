@@ -21,10 +21,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from videofeat.manifests.manifest import ManifestRow
-from videofeat.manifests.status import FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
+from videofeat.manifests.status import CHANGED, FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
 from videofeat.manifests.windows import Sampling
 
 from videofeat.workers.decode.pool import DecodeEvent, DecodeJob, DecodePool
+from videofeat.workers.extract import preflight
 from videofeat.workers.extract.presets import WindowAssembler, window_times
 from videofeat.workers.shard_io import ShardWriter
 
@@ -77,6 +78,8 @@ class ShardOutput:
     writer: ShardWriter
     frame: int = 0  # index into the decode event's frames (one per distinct resize of the pool)
     name: str = ""
+    # --resize-on device: frames arrive full-size and are resized here, on the model's device.
+    frame_transform: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
 
 class _Group:
@@ -87,6 +90,7 @@ class _Group:
         self.outputs = outputs
         self.sampling = outputs[0].sampling
         self.frame = outputs[0].frame
+        self.frame_transform = outputs[0].frame_transform
         self.batch_size = batch_size
         self.feature_dtype = feature_dtype
         self.should_stop = should_stop
@@ -108,16 +112,27 @@ class _Group:
         video.frames_seen += 1
         if video.assembler is None:
             video.assembler = WindowAssembler(self.sampling, video.first_window, video.stop_window)
-        for window, clip in video.assembler.add(event.index, event.frames[self.frame], event.pts):
+        frame = event.frames[self.frame]
+        frame = frame if self.frame_transform is None else self.frame_transform(frame)
+        for window, clip in video.assembler.add(event.index, frame, event.pts):
             self._batch.append((event.key, window, clip))
             video.outstanding += 1
             if len(self._batch) >= self.batch_size:
                 self.flush()
 
-    def on_end(self, event: DecodeEvent) -> None:
+    def refuse(self, key: int, status: str, error: str) -> None:
+        """A video the pre-decode check turned away: a record, no decode, no rows."""
+        video = self.videos[key]
+        video.record = VideoRecord(video.row.video_id, status, error)
+        video.finished = True
+
+    def on_end(self, event: DecodeEvent, changed: Optional[str] = None) -> None:
         video = self.videos[event.key]
         frames = video.frames_seen
-        if event.kind == "done":
+        if changed:
+            video.record = VideoRecord(video.row.video_id, CHANGED, changed, frames, 0, None,
+                                       time.monotonic() - video.started)
+        elif event.kind == "done":
             windows = video.assembler.emitted if video.assembler else 0
             if windows == 0:
                 status, error = TOO_SHORT, (f"{frames} frames decoded, fewer than one window of "
@@ -211,32 +226,52 @@ class ShardPipeline:
         dtype = np.float16 if feature_dtype == "float16" else np.float32
         grouped: dict[tuple, list[int]] = {}
         for i, output in enumerate(outputs):
-            grouped.setdefault((output.sampling, output.frame), []).append(i)
+            grouped.setdefault((output.sampling, output.frame, id(output.frame_transform)), []).append(i)
         self.groups = [_Group(rows, [outputs[i] for i in members], batch_size, dtype, should_stop, on_windows)
                        for members in grouped.values()]
         # Output i is output ``_where[i][1]`` of group ``_where[i][0]``.
         self._where = {i: (g, k) for g, members in enumerate(grouped.values()) for k, i in enumerate(members)}
         self.frames_decoded = 0  # frames the decoder delivered, whatever number of outputs they fed
+        self.started = time.monotonic()
+        self.first_frame_s: Optional[float] = None  # start-up latency: spawning and warming the decoders
+        self._changed: dict[int, str] = {}  # the decoder found another file than the manifest's: frames ignored
 
     def run(self) -> list[list[dict]]:
         """Process every row; returns the per-video stats records of each output, in output order."""
         jobs = []
         for i, row in enumerate(self.rows):
+            refused = preflight.check_file(row)
+            if refused:
+                log.warning("%s: %s: %s", row.video_id, *refused)
+                for group in self.groups:
+                    group.refuse(i, *refused)
+                continue
             plans = [group.videos[i] for group in self.groups]
             starts = [v.decode_start for v in plans]
             ends = [v.decode_end for v in plans]
             jobs.append(DecodeJob(i, row.uri, min(starts), None if None in ends else max(ends), row.crop))
+        for group in self.groups:
+            group.write_ready()
         for event in self.pool.run(jobs, self.should_stop):
-            if event.kind == "frame":
+            if event.kind == "opened":
+                refused = preflight.check_opened(self.rows[event.key], event.info)
+                if refused:
+                    self._changed[event.key] = refused[1]
+                    log.warning("%s: %s: %s", self.rows[event.key].video_id, CHANGED, refused[1])
+            elif event.kind == "frame":
+                if self.first_frame_s is None:
+                    self.first_frame_s = time.monotonic() - self.started
                 self.frames_decoded += 1
                 self.on_frames(1)
+                if event.key in self._changed:
+                    continue
                 for group in self.groups:
                     group.on_frame(event)
             elif event.kind in ("done", "failed"):
                 if event.kind == "failed":
                     log.warning("%s: %s: %s", self.rows[event.key].video_id, event.status, event.error)
                 for group in self.groups:
-                    group.on_end(event)
+                    group.on_end(event, self._changed.get(event.key))
         for group in self.groups:
             group.flush()  # raises Interrupted if the pool stopped early for a signal
             group.write_ready()

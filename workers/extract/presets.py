@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from videofeat.manifests.windows import PRESET_SAMPLING, Sampling
-from videofeat.workers.decode.resize import METHODS, FrameResize
+from videofeat.workers.decode.resize import KERNELS, METHODS, FrameResize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,41 +29,66 @@ class Preset:
     resize: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    fast_resize: bool = False
+    kernel: str = "exact"  # --resize: how the method is computed (see resize.py)
 
     def __post_init__(self) -> None:
         if self.resize not in METHODS:
             raise ValueError(f"--resize-method must be one of {', '.join(METHODS)}, got {self.resize!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"--resize must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.size < 16:
             raise ValueError(f"--size must be >= 16, got {self.size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std > 0")
 
     @property
+    def fast_resize(self) -> bool:
+        return self.kernel == "fast"
+
+    @property
     def frame_resize(self) -> FrameResize:
-        return FrameResize(self.resize, self.size, self.fast_resize)
+        return FrameResize(self.resize, self.size, self.kernel)
 
     def to_dict(self) -> dict:
+        """The preset as run.json and the fingerprint record it.
+
+        ``resize_kernel`` appears only when the kernel's numbers differ from the exact and fast
+        ones this record always named (``fast_resize``), so run directories recorded before
+        there was a choice of kernel keep their fingerprint.
+        """
         out = asdict(self)
+        del out["kernel"]
+        out["fast_resize"] = self.fast_resize
         out["sampling"] = asdict(self.sampling)
         out["mean"], out["std"] = list(self.mean), list(self.std)
+        numbers = self.frame_resize.numbers
+        if numbers not in ("exact", "fast"):
+            out["resize_kernel"] = numbers
         return out
 
 
 PRESETS: dict[str, Preset] = {
+    # Each preset's default kernel is "bounded" (within the preset's bound of the seed, ~1 ms a
+    # 1080p frame); --resize exact is the seed's own arithmetic.
     # The seed's ViT-L script: 32 consecutive frames, PIL bilinear squash to 224.
-    "aicity-vitl": Preset("aicity-vitl", PRESET_SAMPLING["aicity-vitl"], 224, "pil_bilinear"),
+    "aicity-vitl": Preset("aicity-vitl", PRESET_SAMPLING["aicity-vitl"], 224, "pil_bilinear", kernel="bounded"),
     # The seed's ViT-H script: 16 frames at step 2, F.interpolate squash to 224.
-    "aicity-vith": Preset("aicity-vith", PRESET_SAMPLING["aicity-vith"], 224, "interpolate_bilinear"),
+    "aicity-vith": Preset("aicity-vith", PRESET_SAMPLING["aicity-vith"], 224, "interpolate_bilinear",
+                          kernel="bounded"),
     # VideoMAE's own fine-tuning sampling: 16 frames at step 4, short side 224 + centre crop.
-    "videomae-16x4": Preset("videomae-16x4", PRESET_SAMPLING["videomae-16x4"], 224, "short_side_crop"),
+    "videomae-16x4": Preset("videomae-16x4", PRESET_SAMPLING["videomae-16x4"], 224, "short_side_crop",
+                            kernel="bounded"),
 }
 
 
 def resolve_preset(name: str, *, span: Optional[int] = None, hop: Optional[int] = None,
                    num_frames: Optional[int] = None, step: Optional[int] = None, size: Optional[int] = None,
-                   resize_method: Optional[str] = None, fast_resize: bool = False) -> Preset:
-    """The preset ``name`` with any overrides applied (None keeps the preset's value)."""
+                   resize_method: Optional[str] = None, fast_resize: bool = False,
+                   kernel: Optional[str] = None) -> Preset:
+    """The preset ``name`` with any overrides applied (None keeps the preset's value).
+
+    ``kernel`` is ``--resize`` (exact, bounded, fast); ``fast_resize=True`` is ``kernel="fast"``.
+    """
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
     base = PRESETS[name]
@@ -72,7 +97,7 @@ def resolve_preset(name: str, *, span: Optional[int] = None, hop: Optional[int] 
                         num_frames if num_frames is not None else s.num_frames,
                         step if step is not None else s.step)
     return replace(base, sampling=sampling, size=size if size is not None else base.size,
-                   resize=resize_method or base.resize, fast_resize=fast_resize)
+                   resize=resize_method or base.resize, kernel=kernel or ("fast" if fast_resize else base.kernel))
 
 
 def window_times(sampling: Sampling, windows: range, fps: float,

@@ -1,7 +1,8 @@
 """Completeness check of a run directory, before anything is merged.
 
-What the reducer trusts: a shard with a completion marker whose Parquet metadata carries the
-run's fingerprint. What it expects: every manifest row of the run's views. A video is
+What the reducer trusts: a shard with a completion marker whose file still has the size and
+SHA-256 its stats recorded at commit and whose Parquet metadata carries the run's fingerprint.
+What it expects: every manifest row of the run's views. A video is
 
 - *complete* when its status is ``ok`` or ``frame_count_mismatch`` and its shards hold exactly
   the windows ``0 .. T-1`` with ``T = max(0, (N - span) // hop + 1)`` and ``N`` the frames
@@ -9,8 +10,10 @@ run's fingerprint. What it expects: every manifest row of the run's views. A vid
 - *expected absent* when its status is permanent (empty, unreadable, too short): listed, never
   an error;
 - *incomplete* otherwise: its shard is missing, failed or interrupted, the video failed
-  transiently, or the rows disagree with the counts. Incomplete input makes the reducer fail
-  unless ``--allow-partial``.
+  transiently (``unavailable`` included: the file could not be read at extract time), its file
+  changed after the manifest was written (``changed``: rebuild the manifest), or the rows
+  disagree with the counts. Incomplete input makes the reducer fail unless ``--allow-partial``,
+  which is how a video is left out on purpose (or a rebuilt manifest without it).
 
 Only the small ``window_index`` column is read here; features are read once, by the merge.
 """
@@ -28,11 +31,11 @@ import pyarrow.parquet as pq
 
 from videofeat.manifests import fsutil
 from videofeat.manifests.manifest import read_manifest_rows
-from videofeat.manifests.ledger import DONE, INTERRUPTED, RunDir, ShardRecord
+from videofeat.manifests.ledger import CORRUPT, DONE, INTERRUPTED, RunDir, ShardRecord
 from videofeat.manifests.run_record import RunRecord
-from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, REBUILD_MANIFEST_HINT, STALE_MANIFEST, TRANSIENT
 from videofeat.manifests.views import canonical_view
-from videofeat.workers.shard_io import read_shard_metadata
+from videofeat.workers.shard_io import CorruptShard, open_shard, read_row_groups, read_shard_metadata
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,9 @@ class CheckReport:
         """The commands that recompute what is incomplete."""
         incomplete = self.by_verdict("incomplete")
         commands = []
+        if any(v.status in STALE_MANIFEST for v in incomplete):
+            commands.append(f"videofeat manifest ... -o NEW_MANIFEST.parquet   # {REBUILD_MANIFEST_HINT}")
+        incomplete = [v for v in incomplete if v.status not in STALE_MANIFEST]
         if any(v.status not in TRANSIENT or not _shard_done(self, v) for v in incomplete):
             commands.append(self.info.rerun_command(rerun_failed=False))
         if any(v.status in TRANSIENT and _shard_done(self, v) for v in incomplete):
@@ -162,15 +168,22 @@ def check_run(run_dir: RunDir, info: RunRecord, marker_wait_s: float = MAX_MARKE
     """Judge every video of the run; reads stats, footers and ``window_index`` columns only."""
     videos = read_expected(info)
     needed = sorted({p.shard_id for v in videos for p in v.pieces if p.shard_id is not None})
-    records = {r.shard_id: r for r in run_dir.records(needed)}
+    records = {r.shard_id: r for r in run_dir.records(needed, verify="full")}
     records = _wait_for_markers(run_dir, records, min(marker_wait_s, MAX_MARKER_WAIT_S))
     shard_meta: dict[int, dict] = {}
     foreign: dict[int, str] = {}
     stats: dict[int, dict] = {}
     for shard_id, record in records.items():
+        if record.state == CORRUPT and record.last_failure and not run_dir.fs.exists(
+                run_dir.corrupt_note_path(shard_id)):
+            run_dir.note_corrupt(shard_id, record.last_failure["message"])
         if record.state != DONE:
             continue
-        meta = read_shard_metadata(run_dir.shard_path(shard_id), run_dir.fs)
+        try:
+            meta = read_shard_metadata(run_dir.shard_path(shard_id), run_dir.fs)
+        except CorruptShard as error:
+            records[shard_id] = _corrupt(run_dir, record, str(error))
+            continue
         shard_meta[shard_id] = meta
         stats[shard_id] = record.stats or {}
         if meta.get("fingerprint") != info.fingerprint:
@@ -186,20 +199,29 @@ def check_run(run_dir: RunDir, info: RunRecord, marker_wait_s: float = MAX_MARKE
     return report
 
 
+def _corrupt(run_dir: RunDir, record: ShardRecord, message: str) -> ShardRecord:
+    run_dir.note_corrupt(record.shard_id, message)
+    return ShardRecord(record.shard_id, CORRUPT, record.attempts, {"kind": "corrupt", "message": message},
+                       record.stats, record.logs)
+
+
 def _wait_for_markers(run_dir: RunDir, records: dict[int, ShardRecord], budget_s: float) -> dict[int, ShardRecord]:
     """Give markers written on another node time to show up on a shared filesystem.
 
     Only shards that started an attempt and left neither a marker nor a failure record can be
-    in flight; shards never attempted, or that failed, are not waited for.
+    in flight; shards never attempted, or that failed, are not waited for. On a local disk a
+    marker is visible the moment it is written, so nothing is waited for there.
     """
     pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.killed]
     if not pending or budget_s <= 0:
+        return records
+    if not fsutil.late_writes_plausible(run_dir.fs, run_dir.root):
         return records
     deadline = time.monotonic() + budget_s
     for shard_id in pending:
         remaining = max(0.0, deadline - time.monotonic())
         if fsutil.exists_with_backoff(run_dir.fs, run_dir.marker_path(shard_id), remaining):
-            records[shard_id] = run_dir.records([shard_id])[0]
+            records[shard_id] = run_dir.records([shard_id], verify="full")[0]
     return records
 
 
@@ -236,6 +258,11 @@ def _judge(report: CheckReport, video: VideoCheck, stats_index: dict, files: Sha
         video.error = errors[0]
         video.reason = f"{transient[0]}: {video.error or 'no error text'} (transient: rerun with --rerun-failed)"
         return
+    stale = [e for _, e in entries if e.get("status") in STALE_MANIFEST]
+    if stale:
+        video.status, video.error = stale[0]["status"], stale[0].get("error")
+        video.reason = f"{video.status}: {video.error or REBUILD_MANIFEST_HINT}"
+        return
     permanent = [s for s in statuses if s in PERMANENT]
     # A piece past the real end of a video (shorter than probed) is too short on its own while
     # the pieces before it hold the windows: only a video whose every piece is permanent is absent.
@@ -267,8 +294,7 @@ def _check_windows(report: CheckReport, video: VideoCheck, entries: list, files:
     for shard_id in dict.fromkeys(p.shard_id for p, _ in entries):
         groups = report.shard_meta[shard_id].get("row_groups", {}).get(video.video_id, [])
         if groups:
-            got_parts.append(files.get(shard_id).read_row_groups(groups, columns=["window_index"])
-                             .column("window_index").to_numpy())
+            got_parts.append(files.read(shard_id, groups, columns=["window_index"]).column("window_index").to_numpy())
             sources.append((shard_id, list(groups)))
     got = np.concatenate(got_parts) if got_parts else np.zeros(0, dtype=np.int32)
     stated = sum(int(e.get("windows") or 0) for _, e in entries)
@@ -306,9 +332,21 @@ class ShardFiles:
         if shard_id not in self._open:
             if len(self._open) >= self._keep:
                 self._close(next(iter(self._open)))
-            handle = self._run_dir.fs.open(self._run_dir.shard_path(shard_id), "rb")
-            self._open[shard_id] = (handle, pq.ParquetFile(handle))
+            try:
+                self._open[shard_id] = open_shard(self._run_dir.shard_path(shard_id), self._run_dir.fs)
+            except CorruptShard as error:
+                self._run_dir.note_corrupt(shard_id, str(error))
+                raise
         return self._open[shard_id][1]
+
+    def read(self, shard_id: int, row_groups: Sequence[int], columns: Optional[Sequence[str]] = None):
+        """Row groups of one shard with page checksums verified; a bad page raises CorruptShard, and
+        is noted beside the shard so that a plain rerun recomputes it."""
+        try:
+            return read_row_groups(self.get(shard_id), self._run_dir.shard_path(shard_id), row_groups, columns)
+        except CorruptShard as error:
+            self._run_dir.note_corrupt(shard_id, str(error))
+            raise
 
     def _close(self, shard_id: int) -> None:
         handle, parquet = self._open.pop(shard_id)

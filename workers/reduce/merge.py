@@ -24,7 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from videofeat.manifests import fsutil
+from videofeat.manifests import fsutil, temporaries
 from videofeat.manifests.ledger import RunDir, utc_now
 from videofeat.workers.reduce.check import MAX_MARKER_WAIT_S, CheckReport, ShardFiles, VideoCheck, check_run
 from videofeat.workers.shard_io import METADATA_KEY
@@ -74,6 +74,9 @@ def reduce_run(config: ReduceConfig) -> dict:
     else:
         out_fs, out_root = run_dir.fs, run_dir.dataset_dir
     out_fs.makedirs(out_root, exist_ok=True)
+    # A reduce killed mid-write leaves a view-sized temporary; a later one clears those of
+    # writers that are gone (never a live reducer's).
+    temporaries.remove_stale(out_fs, out_root, lambda base: base.endswith(".parquet") or base == SUMMARY_NAME)
     files_written = {}
     with ShardFiles(run_dir) as files:
         for view in _views(report):
@@ -109,7 +112,7 @@ def _merge_view(report: CheckReport, view: str, videos: list[VideoCheck], files:
     # cost most of the write time and save nothing.
     ids = [name for name in ("video_id", "session_id", "view") if name in schema.names]
     writer = pq.ParquetWriter(tmp, schema, filesystem=fs, compression="zstd", use_dictionary=ids,
-                              write_statistics=ids + ["window_index"])
+                              write_statistics=ids + ["window_index"], write_page_checksum=True)
     try:
         for video in videos:
             if video.verdict != "complete" or not video.sources:
@@ -130,7 +133,7 @@ def _merge_view(report: CheckReport, view: str, videos: list[VideoCheck], files:
 def _read_video(video: VideoCheck, files: ShardFiles, schema: pa.Schema) -> pa.Table:
     parts = []
     for shard_id, groups in video.sources:
-        table = files.get(shard_id).read_row_groups(groups)
+        table = files.read(shard_id, groups)
         if not table.schema.equals(schema, check_metadata=False):
             raise ValueError(f"shard {shard_id:05d} has schema {table.schema} but this view's first shard has "
                              f"{schema}: shards of one run must share feature dim, dtype and head")

@@ -65,9 +65,10 @@ def read_rows(run_dir: str) -> tuple[list, np.ndarray, np.ndarray]:
 
 
 def snapshot(run_dir: str) -> dict:
-    """Bytes and mtime of every file of a run directory's shards/ folder."""
+    """Bytes and mtime of every output file of a run directory's shards/ folder (claims are leases, not output)."""
     folder = Path(run_dir, "shards")
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
+            if not p.name.endswith(".claim")}
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +210,16 @@ def test_mixing_single_set_and_multi_set_runs(world, tmp_path):
 def test_rank_killed_mid_shard_of_a_three_set_torchrun_then_plain_rerun(world, tmp_path):
     root, manifest = world["root"], world["manifest"]
     out = str(tmp_path / "killed")
-    # Shard 2's first video becomes a FIFO nobody writes: its rank stays inside shard 2.
+    # Shard 2's first video becomes a FIFO nobody writes: its rank stays inside shard 2. The
+    # manifest must not know the file's size and mtime, or the pre-decode check would call the
+    # FIFO `changed` instead of hanging on it.
     victim = str(root / "Dashboard_user_id_1_NoAudio_1.mp4")
+    rows = pq.read_table(manifest).to_pylist()
+    for row in rows:
+        if row["uri"] == victim:
+            row["size_bytes"] = row["mtime_ns"] = None
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(rows, manifest)
     saved = str(tmp_path / "saved.mp4")
     shutil.move(victim, saved)
     os.mkfifo(victim)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,9 @@ def main() -> int:
     common = ["--device", "cpu", "--decode-procs", str(args.decode_procs), "--no-progress", "--overwrite"]
     presets = {"a": "aicity-vith", "b": "aicity-vitl", "c": "aicity-vitl"}
     multi_dir = work / "multi"
+    # Run directories of an earlier version may hold another fingerprint: start from none.
+    for old in (multi_dir, work / "single"):
+        shutil.rmtree(old, ignore_errors=True)
     # Rounds interleave the two sides, and each side keeps its fastest round: on a shared machine
     # the load changes from minute to minute, and the minimum is the least disturbed measurement.
     best: dict[str, tuple] = {}

@@ -14,6 +14,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests may import their helper modules
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_as_found():
+    """A command run in-process (``main([...])``) sets the root logger up on that test's captured
+    stderr; later tests would log into a closed capture stream. Put it back after every test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def make_aicity_tree(root: Path, users=(11, 22, 33), sessions=(1, 2), frames=(48, 96, 160),
                      width: int = 64, height: int = 48) -> dict[str, int]:
     """``root/user_id_<u>/<View>_user_id_<u>_NoAudio_<n>.MP4`` for every view; returns frames per video id."""

@@ -45,17 +45,6 @@ CLASSES = 400
 SHARDS = [0, 1, 2, 3]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """`videofeat` run in-process sets up the root logger on the test's stderr; undo that after."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers, root.level = handlers, level
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")

@@ -2,6 +2,9 @@
 
 Also runs under torchrun with the same arguments (ranks claim shards from one frozen plan):
     torchrun --nproc_per_node=4 launcher/extract.py manifest.parquet -o runs/vitl --preset aicity-vitl ...
+
+With ``--sets sets.toml`` it extracts several feature sets from one decode, each into
+``OUTPUT/<name>/`` (see ``workers/extract/feature_sets.py`` for the file).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registered model name, or auto (architecture read from the checkpoint)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="[VIEW=]PATH",
                         help="checkpoint for one view (repeat per view) or for all views")
+    parser.add_argument("--sets", metavar="SETS.toml",
+                        help="extract every [[set]] of this file (name, preset, model, checkpoint, overrides) "
+                             "from one decode, each into OUTPUT/<name>; the other flags apply to every set")
     parser.add_argument("--views", help="comma-separated views to extract (default: every view in the manifest)")
     parser.add_argument("--shards", help="comma-separated shard ids to extract (default: all incomplete)")
     sampling = parser.add_argument_group("sampling overrides (default: the preset's)")
@@ -58,12 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
+    """The run's ExtractConfig, or with ``--sets`` the FeatureSets of every set."""
     from videofeat.manifests.views import parse_views
     from videofeat.workers.decode.pool import default_decode_procs
     from videofeat.workers.extract.loop import ExtractConfig
     from videofeat.workers.extract.setup import parse_checkpoints
 
-    return ExtractConfig(
+    kwargs = dict(
         manifest=args.manifest, output=args.output, preset=args.preset, model=args.model,
         checkpoints=parse_checkpoints(args.checkpoint), views=parse_views(args.views), span=args.span, hop=args.hop,
         num_frames=args.num_frames, frame_step=args.frame_step, size=args.size, resize=args.resize,
@@ -71,6 +78,11 @@ def build_config(args: argparse.Namespace):
         decode_stall_s=args.decode_stall_s, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         feature_dtype=args.feature_dtype, max_attempts=args.max_attempts, rerun_failed=args.rerun_failed,
         overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress)
+    if getattr(args, "sets", None):
+        from videofeat.workers.extract.feature_sets import build_feature_sets
+
+        return build_feature_sets(args.sets, args.output, kwargs)
+    return ExtractConfig(**kwargs)
 
 
 def run(args: argparse.Namespace) -> int:

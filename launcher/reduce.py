@@ -4,7 +4,8 @@ Runs as ``videofeat reduce RUN_DIR``, as ``python launcher/reduce.py RUN_DIR`` a
 job that follows an extraction array. Exit status: 0 when the dataset was written (videos with a
 permanent status are listed, not errors), 1 when the run is incomplete (the message names the
 missing, failed or interrupted shards and videos and the command that reruns them), 2 on bad
-input. Imports neither torch nor timm.
+input. On the root of a multi-set launch it reduces every set into ``OUT/<name>/dataset`` (exit
+status: the worst of the sets'). Imports neither torch nor timm.
 """
 
 from __future__ import annotations
@@ -37,7 +38,21 @@ def run(args: argparse.Namespace) -> int:
 
     from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, format_summary, reduce_run
 
+    from videofeat.manifests.ledger import RunDir
+    from videofeat.manifests.set_root import set_dirs
+
     init_logger()
+    root = RunDir(args.run_dir)
+    members = set_dirs(root) if root.load_run() is None else []
+    if members:
+        if args.output or args.manifest:
+            raise ValueError(f"{args.run_dir} holds several feature sets: reduce one set (videofeat reduce "
+                             f"{members[0]}) to give -o or --manifest")
+        codes = []
+        for url in members:
+            print(f"== set {url.rstrip('/').rsplit('/', 1)[-1]} ==")
+            codes.append(run(argparse.Namespace(**{**vars(args), "run_dir": url})))
+        return max(codes)
     try:
         config = ReduceConfig(run_dir=args.run_dir, output=args.output, manifest=args.manifest,
                               allow_partial=args.allow_partial, marker_wait_s=args.marker_wait)

@@ -1,4 +1,7 @@
-"""Show a run's shards (done, failed, interrupted, missing) and every video without windows."""
+"""Show a run's shards (done, failed, interrupted, missing) and every video without windows.
+
+On the root of a multi-set launch (``OUT`` of ``videofeat extract --sets``) it shows every set.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import shlex
 from videofeat.launcher.slurm.records import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
+from videofeat.manifests.set_root import read_set_root, set_dirs
 from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
 
 LOG_TAIL_LINES = 5
@@ -53,14 +57,52 @@ def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir = RunDir(args.run_dir)
+    root = RunDir(args.run_dir)
+    members = set_dirs(root) if root.load_run() is None else []
+    if not members:
+        show(args.run_dir, args)
+        return 0
+    pending = False
+    for url in members:
+        print(f"== set {url.rstrip('/').rsplit('/', 1)[-1]} ==")
+        pending |= show(url, args, hints=False, slurm_dir=root) != 0
+    if pending:
+        print("rerun every set's missing or failed shards, each decoded once for the sets that miss it, with:\n  "
+              + sets_rerun_command(root))
+        if latest_submission(root):
+            print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(args.run_dir)}")
+    else:
+        print("all sets are done; next: videofeat reduce " + shlex.quote(args.run_dir))
+    return 0
+
+
+def sets_rerun_command(root: RunDir) -> str:
+    """``videofeat extract --sets`` with the launch's own feature-changing flags."""
+    record = read_set_root(root) or {}
+    first = RunDir(set_dirs(root)[0]).load_run() or {}
+    config = first.get("config") or {}
+    words = ["videofeat", "extract", str(record.get("manifest") or config.get("manifest")), "-o", root.url,
+             "--sets", str(record.get("sets_file"))]
+    for key, flag, default in (("decoder", "--decoder", "pyav"), ("dtype", "--dtype", "auto"),
+                               ("feature_dtype", "--feature-dtype", "float32")):
+        if config.get(key) not in (None, default):
+            words += [flag, str(config[key])]
+    if config.get("views"):
+        words += ["--views", ",".join(config["views"])]
+    return shlex.join(words)
+
+
+def show(url: str, args: argparse.Namespace, hints: bool = True, slurm_dir: RunDir | None = None) -> int:
+    """Print one run directory's status; returns 1 when something is left to rerun, else 0."""
+    run_dir = RunDir(url)
     data = collect(run_dir, args.max_attempts)
     records: list[ShardRecord] = data["records"]
-    slurm_tasks = shard_tasks(run_dir, records)
+    # A set of a multi-set launch was submitted from its root, which keeps the SLURM records.
+    slurm_tasks = shard_tasks(slurm_dir or run_dir, records)
     counts: dict[str, int] = {}
     for record in records:
         counts[record.state] = counts.get(record.state, 0) + 1
-    print(f"{args.run_dir}: {len(records)} shards: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(f"{url}: {len(records)} shards: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for record in records:
         if record.state == DONE and not args.all:
             continue
@@ -86,10 +128,10 @@ def run(args: argparse.Namespace) -> int:
         info = run_dir.load_record()
     if pending:
         print("rerun what is missing or failed with:\n  " + info.rerun_command())
-        if latest_submission(run_dir):
-            print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(args.run_dir)}")
+        if hints and latest_submission(run_dir):
+            print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(url)}")
     if transient:
         print("recompute the shards whose videos failed transiently with:\n  " + info.rerun_command(rerun_failed=True))
-    if not pending and not transient:
-        print("all shards are done; next: videofeat reduce " + shlex.quote(args.run_dir))
-    return 0
+    if not pending and not transient and hints:
+        print("all shards are done; next: videofeat reduce " + shlex.quote(url))
+    return 1 if pending else 0

@@ -96,3 +96,17 @@ def make_completed_run(tmp: Path, specs: Sequence[tuple[str, int, int]] = (("Rea
     run_dir = str(tmp / "run")
     run_extract(manifest, run_dir, checkpoint=ckpt)
     return manifest, run_dir
+
+
+# Per-set overrides giving TINY_ARGS' windows: span 16, hop 8, 8 frames at step 2, 64x64.
+TINY_SAMPLING = {"span": 16, "hop": 8, "num_frames": 8, "frame_step": 2, "size": 64}
+
+
+def sets_toml(ckpts: Sequence[str], sampling: Optional[dict] = None) -> str:
+    """Three feature sets: ``a`` (aicity-vith), ``b`` and ``c`` (aicity-vitl, so they share windows),
+    one checkpoint each (``b``'s given per view)."""
+    lines = "".join(f"{k} = {v}\n" for k, v in (sampling or TINY_SAMPLING).items())
+    return (f'[[set]]\nname = "a"\npreset = "aicity-vith"\ncheckpoint = "{ckpts[0]}"\n{lines}'
+            f'[[set]]\nname = "b"\npreset = "aicity-vitl"\n'
+            f'checkpoint = {{ rear = "{ckpts[1]}", dashboard = "{ckpts[1]}" }}\n{lines}'
+            f'[[set]]\nname = "c"\npreset = "aicity-vitl"\nmodel = "auto"\ncheckpoint = "{ckpts[2]}"\n{lines}')

@@ -52,8 +52,10 @@ class ArrayLaunch:
     reduce_time: Optional[str] = None
     python: str = field(default_factory=lambda: sys.executable)
     chdir: str = field(default_factory=os.getcwd)
+    sets: tuple[str, ...] = ()  # a multi-set launch: run_dir/<name> per set, one reducer each
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sets", tuple(self.sets))
         for name in ("shards_per_task", "ranks_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -79,14 +81,19 @@ class ArrayLaunch:
                 "shards_per_task": self.shards_per_task, "ranks_per_task": self.ranks_per_task,
                 "max_requeues": self.max_requeues, "grace_s": self.grace_s, "log_dir": self.log_dir,
                 "job_name": self.job_name, "reduce_time": self.reduce_time, "python": self.python,
-                "chdir": self.chdir}
+                "chdir": self.chdir, "sets": list(self.sets)}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ArrayLaunch":
         body = dict(data)
         body["worker_args"] = tuple(body["worker_args"])
         body["options"] = SbatchOptions.from_dict(body["options"])
+        body["sets"] = tuple(body.get("sets") or ())
         return cls(**body)
+
+    def run_dirs(self) -> list[RunDir]:
+        """The run directories this launch computes: the run's, or each set's."""
+        return [RunDir(fsutil.join(self.run_dir, name)) for name in self.sets] or [RunDir(self.run_dir)]
 
 
 # ----- planning -----------------------------------------------------------------------------
@@ -183,14 +190,18 @@ def render_array(launch: ArrayLaunch, run_dir: RunDir, plan_id: str, chunk: Arra
         "python": quote(launch.python), "run_dir": quote(launch.run_dir)})
 
 
-def render_reducer(launch: ArrayLaunch, plan_id: str, array_job_ids: Sequence[str]) -> str:
+def render_reducer(launch: ArrayLaunch, plan_id: str, array_job_ids: Sequence[str],
+                   set_name: Optional[str] = None) -> str:
+    """The reducer of the run, or of one set (``set_name``) of a multi-set launch."""
     lines = [f"--chdir={launch.chdir}", *launch.options.directives(resources=False)]
     if launch.reduce_time:
         lines.append(f"--time={launch.reduce_time}")
+    run_dir = fsutil.join(launch.run_dir, set_name) if set_name else launch.run_dir
     return slurm_submit.render("reduce.sbatch", {
-        "plan_id": plan_id, "job_name": f"{launch.job_name}-reduce", "log_dir": launch.log_dir,
-        "dependency": ":".join(array_job_ids), "directives": slurm_submit.directive_block(lines),
-        "python": quote(launch.python), "run_dir": quote(launch.run_dir)})
+        "plan_id": plan_id, "job_name": f"{launch.job_name}-reduce" + (f"-{set_name}" if set_name else ""),
+        "log_dir": launch.log_dir, "dependency": ":".join(array_job_ids),
+        "directives": slurm_submit.directive_block(lines), "python": quote(launch.python),
+        "run_dir": quote(run_dir)})
 
 
 # ----- submission ---------------------------------------------------------------------------
@@ -200,6 +211,7 @@ class Submitted:
     array_job_ids: tuple[str, ...]
     reducer_job_id: Optional[str]
     tasks: int
+    set_reducer_job_ids: tuple[str, ...] = ()  # a multi-set launch: one reducer per set
 
 
 def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, dry_run: bool = False,
@@ -223,8 +235,10 @@ def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, 
             print(f"# ---- array {number + 1} of {len(chunks)} (plan indices {chunk.offset}.."
                   f"{chunk.offset + chunk.count - 1}) ----", file=out)
             print(render_array(launch, run_dir, plan_id, chunk, number, len(chunks)), file=out)
-        print("# ---- reducer ----", file=out)
-        print(render_reducer(launch, plan_id, [f"<array {i + 1} job id>" for i in range(len(chunks))]), file=out)
+        for name in launch.sets or (None,):
+            print("# ---- reducer" + (f" of set {name}" if name else "") + " ----", file=out)
+            print(render_reducer(launch, plan_id, [f"<array {i + 1} job id>" for i in range(len(chunks))], name),
+                  file=out)
         return None
     run_dir.fs.makedirs(run_dir.path(slurm_info.SUBMISSIONS), exist_ok=True)
     os.makedirs(launch.log_dir, exist_ok=True)  # SLURM does not create output folders
@@ -243,14 +257,21 @@ def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, 
             array_ids.append(job_id)
             record["arrays"].append({"job_id": job_id, "offset": chunk.offset, "count": chunk.count,
                                      "script": slurm_info.script_path(run_dir, plan_id, name)})
-        text = render_reducer(launch, plan_id, array_ids)
-        fsutil.write_bytes_atomic(run_dir.fs, slurm_info.script_path(run_dir, plan_id, "reduce"), text.encode())
-        reducer = slurm_submit.submit(text)
-        record["reducer"] = {"job_id": reducer, "script": slurm_info.script_path(run_dir, plan_id, "reduce")}
+        reducers = []
+        for name in launch.sets or (None,):
+            text = render_reducer(launch, plan_id, array_ids, name)
+            script = slurm_info.script_path(run_dir, plan_id, f"reduce-{name}" if name else "reduce")
+            fsutil.write_bytes_atomic(run_dir.fs, script, text.encode())
+            reducers.append({"job_id": slurm_submit.submit(text), "script": script, "set": name})
+            if name:
+                record.setdefault("set_reducers", []).append(reducers[-1])
+        record["reducer"] = reducers[0]
+        reducer = reducers[0]["job_id"]
     finally:
         # Written even when a later sbatch failed, so status and rerun see what did get submitted.
         slurm_info.write_submission(run_dir, record)
-    return Submitted(plan_id, tuple(array_ids), reducer, len(tasks))
+    return Submitted(plan_id, tuple(array_ids), reducer, len(tasks),
+                     tuple(r["job_id"] for r in record.get("set_reducers", [])))
 
 
 def slurm_info_now() -> str:
@@ -261,6 +282,7 @@ def active_jobs(submissions: Sequence[Mapping]) -> tuple[list[str], list[str]]:
     """(array task ids still queued or running, reducer job ids still pending) of earlier submissions."""
     arrays = {str(a["job_id"]) for s in submissions for a in s.get("arrays", [])}
     reducers = {str(s["reducer"]["job_id"]) for s in submissions if s.get("reducer")}
+    reducers |= {str(r["job_id"]) for s in submissions for r in s.get("set_reducers", [])}
     if not arrays and not reducers:
         return [], []
     queued = [j for j in slurm_submit.queue(sorted(arrays | reducers)) if j.active]
@@ -272,6 +294,13 @@ def active_jobs(submissions: Sequence[Mapping]) -> tuple[list[str], list[str]]:
 
 def rerun_tasks(launch: ArrayLaunch, run_dir: RunDir, shards: Sequence[int], rerun_failed: bool,
                 max_attempts: int) -> list[list[int]]:
-    """Plan entries for the shards a rerun recomputes: failed, interrupted or missing ones."""
+    """Plan entries for the shards a rerun recomputes: failed, interrupted or missing ones (of any set)."""
     policy = RerunPolicy(rerun_failed=rerun_failed, overwrite=False, max_attempts=max_attempts)
-    return pack_tasks(run_dir.plan_incomplete(shards, policy), launch.shards_per_task)
+    return pack_tasks(incomplete_shards(launch, run_dir, shards, policy), launch.shards_per_task)
+
+
+def incomplete_shards(launch: ArrayLaunch, run_dir: RunDir, shards: Sequence[int], policy: RerunPolicy) -> list[int]:
+    """Shards ``run_dir`` (or, for a multi-set launch, any of its sets) must compute; a task
+    computes each for the sets that miss it."""
+    runs = launch.run_dirs() if launch.sets else [run_dir]
+    return sorted(set().union(*(run.plan_incomplete(shards, policy) for run in runs)))

@@ -135,13 +135,21 @@ def run_extract(args: argparse.Namespace) -> int:
     argv, worker = worker_args("extract", args)
     # Relative paths in the passed-through flags resolve in the task's --chdir (this directory).
     manifest, output = _absolute_if_local(worker.manifest), _absolute_if_local(worker.output)
+    sets = ()
+    if worker.sets:
+        # Checked here, before anything is submitted: an unknown key or a missing checkpoint is
+        # refused naming the file, the set and the key. Tasks read the file from the same --chdir.
+        from videofeat.launcher import extract as extract_cmd
+
+        sets = extract_cmd.build_config(worker).names
     launch = se.ArrayLaunch(
         run_dir=output, manifest=manifest, worker_args=tuple(argv),
         options=_options(args), throttle=args.throttle, shards_per_task=args.shards_per_task or 1,
         ranks_per_task=args.ranks_per_task or 1,
         max_requeues=3 if args.max_requeues is None else args.max_requeues,
         grace_s=args.grace or se.DEFAULT_GRACE_S, log_dir=args.log_dir,
-        job_name=args.job_name or f"vf-{os.path.basename(output.rstrip('/'))}", reduce_time=args.reduce_time)
+        job_name=args.job_name or f"vf-{os.path.basename(output.rstrip('/'))}", reduce_time=args.reduce_time,
+        sets=sets)
     views = parse_views(worker.views)
     frames = se.shard_frames(manifest, views)
     wanted = sorted(frames) if not worker.shards else sorted(int(s) for s in worker.shards.split(",") if s.strip())
@@ -151,7 +159,11 @@ def run_extract(args: argparse.Namespace) -> int:
     run_dir = RunDir(output)
     _refuse_if_busy(run_dir)
     policy = RerunPolicy(worker.rerun_failed, worker.overwrite, worker.max_attempts)
-    tasks = se.pack_tasks(run_dir.plan_incomplete(wanted, policy), launch.shards_per_task)
+    tasks = se.pack_tasks(se.incomplete_shards(launch, run_dir, wanted, policy), launch.shards_per_task)
+    if sets and tasks and not args.dry_run:
+        from videofeat.manifests.set_root import write_set_root
+
+        write_set_root(run_dir, sets, _absolute_if_local(worker.sets), manifest)
     return _submit(launch, run_dir, tasks, frames, args, kind="slurm", previous=None,
                    total=len(wanted))
 
@@ -181,7 +193,10 @@ def _submit(launch, run_dir, tasks, frames, args, kind: str, previous: Optional[
     print(f"plan {result.plan_id}: {shards} of {total} shards in {len(tasks)} array tasks "
           f"(throttle {launch.throttle or 'none'})")
     print("arrays: " + " ".join(result.array_job_ids))
-    print(f"reducer: {result.reducer_job_id} (afterok)")
+    if result.set_reducer_job_ids:
+        print(f"reducers: {' '.join(result.set_reducer_job_ids)} (afterok; one per set: {', '.join(launch.sets)})")
+    else:
+        print(f"reducer: {result.reducer_job_id} (afterok)")
     print(f"logs: {launch.log_dir}; follow with: videofeat status {launch.run_dir}")
     return 0
 

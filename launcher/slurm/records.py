@@ -114,13 +114,15 @@ def shard_tasks(run_dir: RunDir, records: Iterable[ShardRecord]) -> dict[int, Sl
     return out
 
 
-def interrupted_shards(run_dir: RunDir, plan_id: str, task_index: int) -> list[int]:
+def interrupted_shards(run_dir: RunDir, plan_id: str, task_index: int,
+                       plan_dir: Optional[RunDir] = None) -> list[int]:
     """Shards of one plan entry whose newest attempt ended in an ``interrupted`` record.
 
     Only records the worker wrote itself count: a task killed outright (SIGKILL, node lost) left
-    none, and is left for ``videofeat slurm rerun`` rather than requeued blindly.
+    none, and is left for ``videofeat slurm rerun`` rather than requeued blindly. ``plan_dir``:
+    where the plan is (the root of a multi-set launch), when not in ``run_dir``.
     """
-    plan = run_dir.read_plan(plan_id)
+    plan = (plan_dir or run_dir).read_plan(plan_id)
     tasks = plan["tasks"]
     if not 0 <= task_index < len(tasks):
         raise IndexError(f"plan {plan_id} has {len(tasks)} entries; --task-index {task_index} is outside it")
@@ -150,7 +152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     run_dir = RunDir(args.run_dir)
     if args.command == "interrupted":
-        shards = interrupted_shards(run_dir, args.plan, args.task_index)
+        from videofeat.manifests.set_root import set_dirs
+
+        # A multi-set task was interrupted when any of its sets was.
+        members = [RunDir(url) for url in set_dirs(run_dir)]
+        shards = sorted({s for member in members or [run_dir]
+                         for s in interrupted_shards(member, args.plan, args.task_index, run_dir)})
         if shards:
             print(f"interrupted shards: {' '.join(f'{s:05d}' for s in shards)}")
         return 0 if shards else 1

@@ -14,7 +14,9 @@ small messages (< 4 KB, so a pipe write is atomic) go through a pipe: a process 
 moment can never leave half a message behind. A semaphore counts free ring slots; it is the
 backpressure (a process waits when the parent is busy with the model), and "had room" above
 means that semaphore was not zero. Frames are resized in the decode process, right after
-decoding (see ``resize.py``), so full-size frames never cross the process boundary.
+decoding (see ``resize.py``), so full-size frames never cross the process boundary. A pool may
+hold several resizes (feature sets of different presets fed from one decode): each decoded
+frame is resized once per resize, and a ring slot holds one frame of each.
 
 The child side imports only the decoders, the resize functions and numpy.
 """
@@ -76,12 +78,16 @@ class DecodeJob:
 
 @dataclass
 class DecodeEvent:
-    """``frame``: ``frame`` is valid only until the next event; ``done`` / ``failed`` end a job."""
+    """``frame``: ``frame`` is valid only until the next event; ``done`` / ``failed`` end a job.
+
+    ``frames`` holds the frame once per resize of the pool, in the pool's order; ``frame`` is the first.
+    """
 
     kind: str
     key: Any
     index: int = -1
     frame: Optional[np.ndarray] = None
+    frames: tuple = ()
     pts: float = 0.0
     frames_decoded: int = 0
     status: Optional[str] = None
@@ -99,14 +105,48 @@ def _die_with_parent() -> None:
         pass
 
 
-def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tuple, dtype: str,
-                 free: Any, resize: FrameResize, backend: str, threads: int) -> None:
+class _Resizes:
+    """Several resizes of one decoded frame (picklable; runs in the decode process)."""
+
+    def __init__(self, resizes: tuple[FrameResize, ...]):
+        self.resizes = resizes
+
+    def decoder_size(self, in_h: int, in_w: int) -> Optional[tuple[int, int]]:
+        return self.resizes[0].decoder_size(in_h, in_w)  # fast resizing allows one resize only
+
+    def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(resize(frame) for resize in self.resizes)
+
+
+def _ring_offsets(ring: int, specs: tuple) -> list[int]:
+    """Byte offset of each spec's ring, 64-byte aligned (a float32 ring may follow a uint8 one)."""
+    offsets, offset = [], 0
+    for shape, dtype in specs:
+        offsets.append(offset)
+        offset += -(-ring * int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+    return offsets + [offset]
+
+
+def _ring_views(buffer: Any, ring: int, specs: tuple) -> list[np.ndarray]:
+    """One ``(ring, *shape)`` array per (shape, dtype) spec, laid out back to back in ``buffer``."""
+    offsets = _ring_offsets(ring, specs)
+    return [np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=buffer, offset=offsets[i])
+            for i, (shape, dtype) in enumerate(specs)]
+
+
+def _ring_bytes(ring: int, specs: tuple) -> int:
+    return _ring_offsets(ring, specs)[-1]
+
+
+def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tuple,
+                 free: Any, resize: Any, backend: str, threads: int) -> None:
     _die_with_parent()
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
     ignore_stop_signals()
     shm = shared_memory.SharedMemory(name=shm_name)
-    slots = np.ndarray((ring, *shape), dtype=np.dtype(dtype), buffer=shm.buf)
+    rings = _ring_views(shm.buf, ring, specs)
+    shapes = [tuple(shape) for shape, _ in specs]
     slot = 0
     while True:
         job = tasks.recv()
@@ -126,10 +166,13 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
                 for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):
-                    if rgb.shape != shape:
-                        raise ValueError(f"frame of shape {rgb.shape}, expected {shape}")
+                    outs = rgb if isinstance(rgb, tuple) else (rgb,)
+                    for out, shape in zip(outs, shapes):
+                        if out.shape != shape:
+                            raise ValueError(f"frame of shape {out.shape}, expected {shape}")
                     free.acquire()
-                    slots[slot] = rgb
+                    for slots, out in zip(rings, outs):
+                        slots[slot] = out
                     messages.send(("frame", job.key, index, slot, pts))
                     slot = (slot + 1) % ring
                     count += 1
@@ -146,16 +189,17 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, shape: tup
 class _Worker:
     """One decode process, its pipes, its frame ring and its free-slot semaphore."""
 
-    def __init__(self, ctx: Any, config: PoolConfig, resize: FrameResize, shape: tuple, dtype: np.dtype):
+    def __init__(self, ctx: Any, config: PoolConfig, resize: Any, specs: tuple):
         self.ring = config.ring
-        self.shm = shared_memory.SharedMemory(create=True, size=max(1, config.ring * int(np.prod(shape)) * dtype.itemsize))
-        self.slots = np.ndarray((config.ring, *shape), dtype=dtype, buffer=self.shm.buf)
+        self.shm = shared_memory.SharedMemory(create=True, size=max(1, _ring_bytes(config.ring, specs)))
+        self.rings = _ring_views(self.shm.buf, config.ring, specs)
         self.free = ctx.Semaphore(config.ring)
         task_read, self.tasks = ctx.Pipe(duplex=False)
         self.messages, message_write = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=_decode_main, name="videofeat-decode", daemon=True,
-            args=(task_read, message_write, self.shm.name, config.ring, shape, dtype.str, self.free, resize,
+            args=(task_read, message_write, self.shm.name, config.ring,
+                  tuple((tuple(shape), np.dtype(dtype).str) for shape, dtype in specs), self.free, resize,
                   config.backend, config.threads))
         self.process.start()
         # Drop our copies of the child's ends: a dead child then reads as EOF, not as a hang.
@@ -190,7 +234,7 @@ class _Worker:
             self.process.join(timeout=5)
         for conn in (self.tasks, self.messages):
             conn.close()
-        self.slots = None
+        self.rings = []
         self.shm.close()
         self.shm.unlink()
 
@@ -200,11 +244,22 @@ class DecodePool:
 
     POLL_S = 0.5
 
-    def __init__(self, config: PoolConfig, resize: FrameResize, frame_shape: tuple, frame_dtype: Any):
+    def __init__(self, config: PoolConfig, resize: FrameResize | tuple[FrameResize, ...],
+                 frame_shape: Optional[tuple] = None, frame_dtype: Any = None):
+        """``resize``: one resize (``frame_shape``/``frame_dtype`` as :func:`frame_spec` gives), or a
+        tuple of distinct resizes, each applied once per decoded frame."""
         self.config = config
-        self.resize = resize
-        self.shape = tuple(frame_shape)
-        self.dtype = np.dtype(frame_dtype)
+        if isinstance(resize, tuple):
+            if any(r.fast for r in resize) and len(resize) > 1:
+                raise ValueError("--resize fast gives one size per decode: it cannot feed several resizes")
+            self.resizes = resize
+            self.specs = tuple(frame_spec(r) for r in resize)
+            self.resize: Any = resize[0] if len(resize) == 1 else _Resizes(resize)
+        else:
+            self.resizes = (resize,)
+            self.specs = ((tuple(frame_shape), np.dtype(frame_dtype)),)
+            self.resize = resize
+        self.shape, self.dtype = self.specs[0]
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self.respawns = 0
@@ -221,7 +276,7 @@ class DecodePool:
             self._workers.append(self._spawn())
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self.config, self.resize, self.shape, self.dtype)
+        return _Worker(self._ctx, self.config, self.resize, self.specs)
 
     def pids(self) -> list[int]:
         """Process ids of the decode processes (for operators, and for fault-injection tests)."""
@@ -269,8 +324,9 @@ class DecodePool:
             elif kind == "frame":
                 _, _, index, slot, pts = message
                 worker.next_frame, worker.frames = index + 1, worker.frames + 1
+                frames = tuple(r[slot] for r in worker.rings)
                 try:
-                    yield DecodeEvent("frame", key, index=index, frame=worker.slots[slot], pts=pts)
+                    yield DecodeEvent("frame", key, index=index, frame=frames[0], frames=frames, pts=pts)
                 finally:
                     worker.free.release()
             elif kind == "done":

@@ -16,18 +16,22 @@ import os
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
-from videofeat.manifests.ledger import RerunPolicy, RunDir, process_identity, shard_name, utc_now
+from videofeat.manifests.fingerprint import compute_fingerprint
+from videofeat.manifests.ledger import (FingerprintMismatch, RerunPolicy, RunDir, process_identity, shard_name,
+                                        utc_now)
+from videofeat.manifests.set_root import write_set_root
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
 from videofeat.workers.distributed import Distributed
+from videofeat.workers.extract.feature_sets import FeatureSets
 from videofeat.workers.signals import StopSignals
 from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
 from videofeat.workers.shard_io import ShardWriter, shard_schema
-from videofeat.workers.extract.pipeline import Interrupted, ShardPipeline
+from videofeat.workers.extract.pipeline import Interrupted, ShardOutput, ShardPipeline
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
@@ -119,68 +123,156 @@ class _ShardLog:
             self.run.fs.pipe_file(self.path, self._buffer.getvalue().encode())
 
 
-class Extractor:
-    """One rank's extraction: owns the decode pool and the models for the rank's lifetime."""
+@dataclass
+class _Member:
+    """One feature set of a launch: its config, run directory, preset, models and run record.
 
-    def __init__(self, config: ExtractConfig, dist: Distributed):
+    A plain launch has one member, unnamed, whose run directory is ``--output``.
+    """
+
+    name: Optional[str]
+    config: ExtractConfig
+    run: RunDir
+    preset: Any
+    models: ModelSet
+    frame: int = 0  # index of the member's resize among the pool's
+    record: dict = field(default_factory=dict)
+    todo: frozenset = frozenset()
+
+    def error(self, message: str) -> str:
+        return f"set {self.name!r}: {message}" if self.name else message
+
+
+class Extractor:
+    """One rank's extraction: owns the decode pool and the models for the rank's lifetime.
+
+    With ``sets`` it extracts several feature sets, each into its own run directory, from one
+    decode per frame: each shard is decoded once for the sets that miss it.
+    """
+
+    def __init__(self, config: ExtractConfig, dist: Distributed, sets: Optional[FeatureSets] = None):
         self.config = config
         self.dist = dist
-        self.run = RunDir(config.output)
-        self.preset = config.resolved_preset()
+        self.sets = sets
+        self.root = RunDir(sets.root) if sets else None
         self.rows_by_shard, self.manifest_fp = load_manifest_rows(config.manifest, config.views)
-        self.models = ModelSet(config, self.preset, sorted({r.view for rows in self.rows_by_shard.values()
-                                                            for r in rows}), dist.info.local_rank)
+        views = sorted({r.view for rows in self.rows_by_shard.values() for r in rows})
+        resizes: list = []
+        self.members: list[_Member] = []
+        for name, member_config in (sets.configs if sets else ((None, config),)):
+            preset = member_config.resolved_preset()
+            try:
+                models = ModelSet(member_config, preset, views, dist.info.local_rank)
+            except Exception as exc:
+                if name is None:
+                    raise
+                # Before any shard starts: a set whose checkpoint does not load stops the launch.
+                raise ValueError(f"{sets.path}: set {name!r}: {type(exc).__name__}: {exc}") from exc
+            if preset.frame_resize not in resizes:
+                resizes.append(preset.frame_resize)
+            self.members.append(_Member(name, member_config, RunDir(member_config.output), preset, models,
+                                        resizes.index(preset.frame_resize)))
+        self.resizes = tuple(resizes)
+        # The plain run's names, kept for callers that know one run.
+        self.run, self.preset, self.models = self.members[0].run, self.members[0].preset, self.members[0].models
         self.signals = StopSignals()
         self.record: dict = {}
         self.pool: Optional[DecodePool] = None
         self.progress = None
 
+    @property
+    def plan_dir(self) -> RunDir:
+        """Where this launch's plans live: the run directory, or the root of a multi-set launch."""
+        return self.root if self.root is not None else self.run
+
     # ----- start-up (the only collectives) ------------------------------------------------
+    def _initialize_runs(self) -> None:
+        """Record every member's run; a mismatching fingerprint is refused before any is written."""
+        built = [build_run_record(m.config, m.preset, m.models, self.manifest_fp) for m in self.members]
+        for member, args in zip(self.members, built):
+            existing = member.run.load_run()
+            if existing is not None and existing.get("fingerprint") != compute_fingerprint(args[0]):
+                try:
+                    member.run.initialize(*args)  # raises, naming every part that differs
+                except FingerprintMismatch as exc:
+                    raise FingerprintMismatch(member.error(str(exc))) from None
+        for member, args in zip(self.members, built):
+            member.record = member.run.initialize(*args)
+        if self.sets is not None:
+            write_set_root(self.root, self.sets.names, self.sets.path, self.config.manifest)
+
     def prepare(self, shard_ids: Optional[Sequence[int]], plan_id: Optional[str],
                 task_index: Optional[int]) -> tuple[str, list[int]]:
         info = self.dist.info
         if info.is_main:
-            parts, cfg, extra = build_run_record(self.config, self.preset, self.models, self.manifest_fp)
-            self.record = self.run.initialize(parts, cfg, extra)
-        self.record = self.dist.broadcast_object(self.record)
+            self._initialize_runs()
+        records = self.dist.broadcast_object([m.record for m in self.members])
+        for member, record in zip(self.members, records):
+            member.record = record
+        self.record = records[0]
+        policy = self.config.policy
         if plan_id is not None:
-            plan = self.run.read_plan(plan_id)
+            plan = self.plan_dir.read_plan(plan_id)
             if task_index is None or not 0 <= task_index < len(plan["tasks"]):
                 raise ValueError(f"--task-index must be in [0, {len(plan['tasks'])}) for plan {plan_id}")
             listed = plan["tasks"][task_index]
-            todo = self.run.plan_incomplete(listed, self.config.policy)
-            log.info("plan %s task %d: %d of %d shards to compute: %s", plan_id, task_index, len(todo),
-                     len(listed), [shard_name(s) for s in todo])
+            for member in self.members:
+                member.todo = frozenset(member.run.plan_incomplete(listed, policy))
+            todo = sorted(set().union(*(m.todo for m in self.members)))
+            log.info("plan %s task %d: %d of %d shards to compute: %s%s", plan_id, task_index, len(todo),
+                     len(listed), [shard_name(s) for s in todo], self._todo_by_set())
             return plan_id, todo
-        todo: list[int] = []
+        per_member: list[list[int]] = []
         if info.is_main:
             unknown = sorted(set(shard_ids or ()) - set(self.rows_by_shard))
             if unknown:
                 raise ValueError(f"--shards {unknown} are not shards of {self.config.manifest} "
                                  f"(for the selected views)")
             candidates = sorted(shard_ids) if shard_ids else sorted(self.rows_by_shard)
-            todo = self.run.plan_incomplete(candidates, self.config.policy)
+            per_member = [m.run.plan_incomplete(candidates, policy) for m in self.members]
+            todo = sorted(set().union(*per_member))
             plan_id = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
             if todo:
-                self.run.write_plan(plan_id, [todo], {"kind": "local", "world_size": info.world_size})
+                meta = {"kind": "local", "world_size": info.world_size}
+                if self.sets is not None:
+                    meta["sets"] = {m.name: mine for m, mine in zip(self.members, per_member)}
+                    self.root.write_plan(plan_id, [todo], meta)
+                for member, mine in zip(self.members, per_member):
+                    if mine:
+                        member.run.write_plan(plan_id, [todo] if self.sets is None else [mine], meta)
             log.info("plan %s: %d of %d shards to compute: %s", plan_id, len(todo), len(candidates),
                      [shard_name(s) for s in todo])
-        plan_id, todo = self.dist.broadcast_object((plan_id, todo))
+        plan_id, per_member = self.dist.broadcast_object((plan_id, per_member))
+        for member, mine in zip(self.members, per_member):
+            member.todo = frozenset(mine)
+        todo = sorted(set().union(*(m.todo for m in self.members)))
+        if self.sets is not None:
+            log.info("shards to compute per set:%s", self._todo_by_set())
         return plan_id, todo
+
+    def _todo_by_set(self) -> str:
+        if self.sets is None:
+            return ""
+        return "".join(f"\n  {m.name}: {[shard_name(s) for s in sorted(m.todo)]}" for m in self.members)
 
     # ----- the loop -------------------------------------------------------------------------
     def execute(self, plan_id: str, todo: list[int], claim: bool) -> int:
         """Run shards until none are left; returns the exit code."""
         self.signals.install()
         counter = self.dist.counter(f"videofeat/claim/{plan_id}") if claim else None
-        resize = self.preset.frame_resize
-        shape, dtype = frame_spec(resize)
+        span = max(m.preset.sampling.span for m in self.members)
         pool_cfg = PoolConfig(self.config.decode_procs, self.config.decode_stall_s, self.config.decoder,
-                              self.config.decode_threads, ring=max(48, self.preset.sampling.span + 16))
-        total = sum(self.models.expected_windows(self.rows_by_shard[s]) for s in todo)
-        self.progress = Progress(total, self.dist, plan_id, enabled=self.config.progress)
+                              self.config.decode_threads, ring=max(48, span + 16))
+        totals = {m.name or "": sum(m.models.expected_windows(self.rows_by_shard[s]) for s in m.todo)
+                  for m in self.members}
+        self.progress = Progress(sum(totals.values()), self.dist, plan_id, enabled=self.config.progress,
+                                 sets=tuple(totals) if self.sets is not None else ())
         failures = 0
-        self.pool = DecodePool(pool_cfg, resize, shape, dtype)
+        if len(self.resizes) == 1:
+            shape, dtype = frame_spec(self.resizes[0])
+            self.pool = DecodePool(pool_cfg, self.resizes[0], shape, dtype)
+        else:
+            self.pool = DecodePool(pool_cfg, self.resizes)
         try:
             position = 0
             while True:
@@ -203,68 +295,118 @@ class Extractor:
         return 1 if failures else 0
 
     def extract_shard(self, shard_id: int) -> str:
-        """'done', 'error' or 'interrupted' (the failure is recorded in the run directory)."""
-        run, info = self.run, self.dist.info
-        attempt = run.next_attempt(shard_id)
-        shard_log = _ShardLog(run, shard_id, attempt, info.rank)
+        """'done', 'error' or 'interrupted' (each failure is recorded in its set's run directory).
+
+        The shard is decoded once for every member that misses it; a member that cannot start
+        or commit the shard records its own error and leaves the others alone.
+        """
+        info = self.dist.info
+        members = [m for m in self.members if shard_id in m.todo]
+        attempts = [m.run.next_attempt(shard_id) for m in members]
+        shard_logs = [_ShardLog(m.run, shard_id, a, info.rank) for m, a in zip(members, attempts)]
         identity = process_identity(info.rank, info.world_size)
         started, t0 = utc_now(), time.monotonic()
-        log.info("shard %s attempt %d: host=%s pid=%d rank=%d", shard_name(shard_id), attempt, identity["host"],
-                 os.getpid(), info.rank)
-        temp = None
+        log.info("shard %s attempt %s: host=%s pid=%d rank=%d%s", shard_name(shard_id),
+                 attempts[0] if self.sets is None else dict(zip((m.name for m in members), attempts)),
+                 identity["host"], os.getpid(), info.rank,
+                 "" if self.sets is None else f" sets={[m.name for m in members]}")
+        rows = self.rows_by_shard[shard_id]
+        view = rows[0].view
+        active: list[tuple[_Member, int, str, Any, Any]] = []  # member, attempt, temp path, writer, runner
+        failed = False
+
+        def fail(member: _Member, attempt: int, exc: Exception) -> None:
+            log.error("shard %s failed: %s", shard_name(shard_id), member.error(str(exc)), exc_info=True)
+            member.run.record_failure(shard_id, attempt, "error", f"{type(exc).__name__}: {exc}",
+                                      traceback.format_exc(), rank=info.rank)
+
         try:
-            run.remove_temporaries(shard_id)
-            run.uncommit(shard_id)
-            rows = self.rows_by_shard[shard_id]
-            view = rows[0].view
-            runner = self.models.runner(view)
-            temp = run.temp_shard_path(shard_id)
-            schema = shard_schema(self.models.feature_dim, self.models.num_classes, self.config.feature_dtype)
-            lineage = dict(self.models.lineage(view), shard_id=shard_id, fingerprint=self.record["fingerprint"],
-                           preset=self.preset.to_dict(), fps={r.video_id: r.fps for r in rows})
-            writer = ShardWriter(temp, run.fs, schema, lineage)
-            pipeline = ShardPipeline(rows, self.preset.sampling, self.pool, runner, self.config.batch_size, writer,
-                                     self.config.feature_dtype, lambda: self.signals.received is not None,
-                                     self.progress.update)
+            for member, attempt in zip(members, attempts):
+                run = member.run
+                try:
+                    run.remove_temporaries(shard_id)
+                    run.uncommit(shard_id)
+                    runner = member.models.runner(view)
+                    temp = run.temp_shard_path(shard_id)
+                    schema = shard_schema(member.models.feature_dim, member.models.num_classes,
+                                          member.config.feature_dtype)
+                    lineage = dict(member.models.lineage(view), shard_id=shard_id,
+                                   fingerprint=member.record["fingerprint"], preset=member.preset.to_dict(),
+                                   fps={r.video_id: r.fps for r in rows})
+                    active.append((member, attempt, temp, ShardWriter(temp, run.fs, schema, lineage), runner))
+                except Exception as exc:  # this set cannot take the shard; the others still can
+                    fail(member, attempt, exc)
+                    failed = True
+            if not active:
+                return "error"
+            outputs = [ShardOutput(m.preset.sampling, runner, writer, m.frame, m.name or "")
+                       for m, _, _, writer, runner in active]
+            pipeline = ShardPipeline(rows, outputs, self.pool, self.config.batch_size, self.config.feature_dtype,
+                                     lambda: self.signals.received is not None, self.progress.windows,
+                                     self.progress.frames)
             videos = pipeline.run()
-            writer.close()
-            stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": self.record["fingerprint"],
-                     **identity, "started": started, "finished": utc_now(),
-                     "seconds": round(time.monotonic() - t0, 3), "windows": pipeline.windows_written,
-                     "frames_decoded": sum(v["frames_decoded"] for v in videos), "videos": videos,
-                     "batch_size": runner.max_batch or self.config.batch_size}
-            run.commit_shard(shard_id, temp, stats)
-            log.info("shard %s done: %d windows from %d videos in %.1f s", shard_name(shard_id),
-                     stats["windows"], len(videos), stats["seconds"])
-            return "done"
+            for _, _, _, writer, _ in active:
+                writer.close()
         except Interrupted as exc:
             log.warning("shard %s interrupted: %s", shard_name(shard_id), exc)
-            run.record_failure(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
-                               rank=info.rank)
+            for member, attempt in zip(members, attempts):
+                member.run.record_failure(shard_id, attempt, "interrupted", f"{self.signals.received}: {exc}",
+                                          rank=info.rank)
+            self._clean(active, shard_logs)
             return "interrupted"
-        except Exception as exc:  # a per-shard failure: record it, move on to the next shard
-            log.error("shard %s failed: %s", shard_name(shard_id), exc, exc_info=True)
-            run.record_failure(shard_id, attempt, "error", f"{type(exc).__name__}: {exc}",
-                               traceback.format_exc(), rank=info.rank)
+        except Exception as exc:  # a per-shard failure: record it for every set, move on to the next shard
+            for member, attempt, *_ in active:
+                fail(member, attempt, exc)
+            self._clean(active, shard_logs)
             return "error"
-        finally:
-            if temp is not None and run.fs.exists(temp):
-                run.fs.rm(temp)
+        seconds = round(time.monotonic() - t0, 3)
+        video_frames = sum(r.piece_end_frame - r.piece_start_frame for r in rows)
+        for i, (member, attempt, temp, _, runner) in enumerate(active):
+            stats = {"shard_id": shard_id, "attempt": attempt, "fingerprint": member.record["fingerprint"],
+                     **identity, "started": started, "finished": utc_now(), "seconds": seconds,
+                     "windows": pipeline.windows_written(i),
+                     "frames_decoded": sum(v["frames_decoded"] for v in videos[i]), "videos": videos[i],
+                     "batch_size": runner.max_batch or self.config.batch_size}
+            if self.sets is not None:
+                # The one decode that fed every set of this shard, and its cost per video frame.
+                stats["decode"] = {"sets": [m.name for m, *_ in active], "frames_decoded": pipeline.frames_decoded,
+                                   "video_frames": video_frames, "decoded_per_video_frame":
+                                       round(pipeline.frames_decoded / video_frames, 4) if video_frames else None}
+            try:
+                member.run.commit_shard(shard_id, temp, stats)
+            except Exception as exc:
+                fail(member, attempt, exc)
+                failed = True
+                continue
+            log.info("shard %s done%s: %d windows from %d videos in %.1f s", shard_name(shard_id),
+                     f" for set {member.name}" if member.name else "", stats["windows"], len(videos[i]), seconds)
+        self._clean(active, shard_logs)
+        return "error" if failed else "done"
+
+    @staticmethod
+    def _clean(active: list, shard_logs: list) -> None:
+        for member, _, temp, _, _ in active:
+            if member.run.fs.exists(temp):
+                member.run.fs.rm(temp)
+        for shard_log in shard_logs:
             shard_log.close()
 
 
-def run_extraction(config: ExtractConfig, shard_ids: Optional[Sequence[int]] = None,
+def run_extraction(config: ExtractConfig | FeatureSets, shard_ids: Optional[Sequence[int]] = None,
                    plan_id: Optional[str] = None, task_index: Optional[int] = None,
                    init_method: Optional[str] = None) -> int:
     """Extract features for ``config`` on this rank; returns the process exit code.
 
-    ``shard_ids``: restrict a local/torchrun launch to these shards. ``plan_id`` + ``task_index``:
-    run what an existing frozen plan lists at that index (SLURM array tasks). Under torchrun
-    (``WORLD_SIZE > 1``) ranks claim the plan's shards dynamically.
+    ``config``: one run, or the :class:`FeatureSets` of a multi-set launch (the other flags are
+    those of its sets). ``shard_ids``: restrict a local/torchrun launch to these shards.
+    ``plan_id`` + ``task_index``: run what an existing frozen plan lists at that index (SLURM
+    array tasks). Under torchrun (``WORLD_SIZE > 1``) ranks claim the plan's shards dynamically.
     """
+    sets = config if isinstance(config, FeatureSets) else None
+    common = sets.configs[0][1] if sets else config
     dist = Distributed(init_method=init_method)
     try:
-        extractor = Extractor(config, dist)
+        extractor = Extractor(common, dist, sets)
         dist.init(extractor.models.device)
         plan, todo = extractor.prepare(shard_ids, plan_id, task_index)
         if not todo:

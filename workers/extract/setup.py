@@ -158,11 +158,14 @@ def build_run_record(config: Any, preset: Any, models: ModelSet, manifest_fp: st
 
 
 class Progress:
-    """Windows/s and ETA for the whole launch: ranks add to a shared counter; local rank 0 shows it."""
+    """Windows/s and ETA for the whole launch: ranks add to a shared counter; local rank 0 shows it.
+
+    A multi-set launch (``sets``) also logs this rank's windows/s per set and decoded frames/s.
+    """
 
     LOG_EVERY_S = 30.0
 
-    def __init__(self, total: int, dist: Any, plan_id: str, enabled: bool = True):
+    def __init__(self, total: int, dist: Any, plan_id: str, enabled: bool = True, sets: Sequence[str] = ()):
         self.total = total
         self.counter = dist.counter(f"videofeat/windows/{plan_id}")
         self.show = enabled and dist.info.local_rank == 0
@@ -173,6 +176,17 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="win", desc="extract", disable=None, smoothing=0.1)
         self._mine = 0
+        self._per_set = {name: 0 for name in sets}
+        self._frames = 0
+
+    def windows(self, name: str, count: int) -> None:
+        """``count`` windows of set ``name`` were computed."""
+        if name in self._per_set:
+            self._per_set[name] += count
+        self.update(count)
+
+    def frames(self, count: int) -> None:
+        self._frames += count
 
     def update(self, windows: int) -> None:
         self._mine += windows
@@ -182,10 +196,14 @@ class Progress:
         now = time.monotonic()
         if now - self._last_log >= self.LOG_EVERY_S:
             self._last_log = now
-            rate = done / max(now - self.started, 1e-9)
+            elapsed = max(now - self.started, 1e-9)
+            rate = done / elapsed
             eta = (self.total - done) / rate if rate > 0 else float("inf")
             log.info("%d/%d windows (%.1f windows/s over all ranks, ETA %.0f s; this rank %d)", done, self.total,
                      rate, eta, self._mine)
+            if self._per_set:
+                log.info("this rank: %.1f decoded frames/s; windows/s per set: %s", self._frames / elapsed,
+                         ", ".join(f"{n} {c / elapsed:.1f}" for n, c in self._per_set.items()))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -141,14 +141,15 @@ def random_checkpoints(folder: str) -> dict[str, str]:
     return out
 
 
-def job_text(val_user: int, epochs: int, ready: dict[str, str] | None = None, decode_procs: int = 1) -> str:
+def job_text(val_user: int, epochs: int, ready: dict[str, str] | None = None, decode_procs: int = 1,
+             num_shards: int | None = None) -> str:
     """The demo's job file: ``data/A1`` (labelled), ``data/A2`` (test), three tiny sets, two views."""
     lines = [
         "# videofeat demo job: the pipeline's whole job at toy size (see videofeat pipeline --example)",
         f"views = {json.dumps(list(VIEWS))}", "plots = true", "",
         "[train]", 'root = "data/A1"', 'annotations = "data/A1"', f'val_users = ["{val_user}"]', "",
         "[[test]]", 'name = "A2"', 'root = "data/A2"', "",
-        "[manifest]", "probe_procs = 2", "",
+        "[manifest]", "probe_procs = 2", *([f"num_shards = {num_shards}"] if num_shards else []), "",
         "[finetune]", f"num_classes = {NUM_CLASSES}", f"epochs = {epochs}", "progress = false", "",
         "[extract]", "batch_size = 16", f"decode_procs = {decode_procs}", 'device = "cpu"', "",
     ]

@@ -55,6 +55,14 @@ class StageIncomplete(RuntimeError):
     """A stage ran but did not finish (a signal, a failure); the same command again continues it."""
 
 
+class StopRequested(BaseException):
+    """SIGTERM / SIGUSR2 outside a loop that handles them: unwinds, so children are cleaned up."""
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 @dataclass(frozen=True)
 class Stage:
     id: str
@@ -166,7 +174,7 @@ def plan_stages(job: JobFile) -> list[Stage]:
             tuned.setdefault(fset.name, []).append(sid)
             stages.append(Stage(sid, "finetune", tuple(sorted({
                 "recipe": fset.recipe, "pretrained": _file_id(fset.pretrained), "view": view,
-                "flags": flags}.items())), ("labels", "manifest.train"), subject=fset.name, view=view))
+                "finetune": flags}.items())), ("labels", "manifest.train"), subject=fset.name, view=view))
     sets_inputs = []
     for fset in job.sets:
         sets_inputs.append({"name": fset.name, "preset": fset.preset, "model": fset.model,
@@ -271,9 +279,12 @@ class Pipeline:
             rec = self.record(stage.id)
             if rec is None or rec.get("fingerprint") == self.fp[stage.id]:
                 continue
-            own = describe_difference(rec.get("inputs", {}), dict(stage.inputs))
+            own = [line.replace("run directory has", "recorded").replace("this launch has", "job file now")
+                   for line in describe_difference(rec.get("inputs", {}), dict(stage.inputs))]
             ups = [u for u in stage.upstream if rec.get("upstream", {}).get(u) != self.fp[u]]
-            out[stage.id] = own + [f"computed from {u}, which changes" for u in ups]
+            if ups:
+                own.append(f"computed from {', '.join(ups)}, which change{'s' if len(ups) == 1 else ''}")
+            out[stage.id] = own
         return out
 
     def refuse_changes(self, redo: set[str]) -> None:
@@ -359,7 +370,21 @@ class Pipeline:
         for stage in self.stages:
             if stage.id in redo_ids:
                 self.clear(stage)
+        # Between and inside stages a stop signal unwinds (probe processes are joined, temporary files
+        # left unnamed); fine-tuning and extraction install their own handlers and stop at a step.
+        previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+        try:
+            return self._run_stages(only_ids)
+        except StopRequested as stop:
+            raise StageIncomplete(f"stopped by {stop} in stage {self.current}; run the same command again to "
+                                  "continue (completed work is kept)") from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _run_stages(self, only_ids: Optional[set[str]]) -> int:
         began = time.monotonic()
+        self.current = "(between stages)"
         for stage in self.stages:
             if only_ids is not None and stage.id not in only_ids:
                 continue
@@ -371,6 +396,7 @@ class Pipeline:
                 raise StageIncomplete(f"{stage.id} needs {', '.join(waiting)}, which is not complete; run "
                                       f"`videofeat pipeline {self.job.path} -o {self.work.root}` without --only")
             self.say(f"== {stage.id}")
+            self.current = stage.id
             self.write_record(stage)
             started = time.monotonic()
             code = self.execute(stage)

@@ -16,7 +16,10 @@ def load_toml(path: str) -> dict:
     except ModuleNotFoundError:  # pragma: no cover - older Pythons
         import tomli as tomllib
     with open(path, "rb") as handle:
-        data = tomllib.load(handle)
+        try:
+            data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
     return {key.replace("-", "_"): value for key, value in data.items()}
 
 

@@ -11,7 +11,9 @@ Any flag may also come from a TOML file given with ``--config``: its keys are fl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import sys
 from typing import Optional, Sequence
@@ -49,8 +51,23 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     from videofeat.manifests.ledger import FingerprintMismatch
 
-    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError,
-            FingerprintMismatch)
+    return (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ValueError, FingerprintMismatch)
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of a user error; a bare ``FileNotFoundError(path)`` becomes a sentence."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and "/" in str(exc) and " " not in str(exc):
+        return f"{exc}: no such file or directory"
+    return str(exc)
+
+
+def reporting_rank() -> bool:
+    """Under torchrun (or srun) every rank parses the same flags and meets the same bad input:
+    rank 0 alone says so, so the user reads one message."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) in ("", "0")
 
 
 def _available_commands() -> dict[str, tuple[str, str, str]]:
@@ -110,11 +127,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if name not in commands:
         print(f"videofeat: unknown command {name!r}\n\n{_top_level_help(COMMANDS)}", file=sys.stderr)
         return 2
-    args, module = parse_command(name, rest)
-    return run_command(name, module, args)
+    return parse_and_run(name, rest)
 
 
-def run_command(name: str, module: object, args: argparse.Namespace) -> int:
+def parse_and_run(name: str, argv: Sequence[str], prog: str = "videofeat") -> int:
+    """Parse ``argv`` and run the command: ``videofeat`` and the torchrun entry points.
+
+    A bad flag or ``--config`` file is one message and exit status 2 like any other bad input;
+    under torchrun every rank parses the same argv, and rank 0 alone says what is wrong.
+    """
+    reporting = reporting_rank()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not reporting:  # argparse prints its usage error itself
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            args, module = parse_command(name, argv, prog)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a check that exits with its message
+            return _report(prog, name, exc.code, reporting)
+        return 0 if exc.code is None else int(exc.code)  # argparse: --help 0, bad flag 2
+    except _user_errors() as exc:
+        if os.environ.get("VIDEOFEAT_DEBUG"):
+            raise
+        return _report(prog, name, _describe(exc), reporting)
+    return run_command(name, module, args, prog)
+
+
+def run_command(name: str, module: object, args: argparse.Namespace, prog: str = "videofeat") -> int:
     """Run one command: the one place where bad input becomes a message and exit status 2.
 
     Used by ``videofeat`` and by the torchrun entry points (``launcher/extract.py``,
@@ -127,8 +167,13 @@ def run_command(name: str, module: object, args: argparse.Namespace) -> int:
         # the message names the file and the fix; a traceback would only bury it.
         if os.environ.get("VIDEOFEAT_DEBUG"):
             raise
-        print(f"videofeat {name}: error: {exc}\n(set VIDEOFEAT_DEBUG=1 to see the traceback)", file=sys.stderr)
-        return 2
+        return _report(prog, name, _describe(exc), reporting_rank())
+
+
+def _report(prog: str, name: str, message: str, reporting: bool) -> int:
+    if reporting:
+        print(f"{prog} {name}: error: {message}\n(set VIDEOFEAT_DEBUG=1 to see the traceback)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

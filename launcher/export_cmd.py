@@ -31,11 +31,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", default=None, help="comma-separated views to export (default: all)")
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """A path that is not a run directory (or a --dataset that is not there) is bad input, exit 2;
+    a run that has not been reduced yet is exit 1 (DatasetNotReady)."""
+    from videofeat.manifests import fsutil
+    from videofeat.manifests.ledger import RunDir
+
+    run_dir = RunDir(args.run_dir)
+    if run_dir.load_run() is None:
+        raise FileNotFoundError(f"{run_dir.run_json} does not exist: is {args.run_dir} a videofeat run directory? "
+                                "(`videofeat extract MANIFEST -o RUN_DIR` creates one)")
+    if args.dataset:
+        fs, root = fsutil.filesystem(args.dataset)
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"--dataset {args.dataset} is not a folder: give the folder "
+                                    f"`videofeat reduce {args.run_dir} -o DIR` wrote")
+
+
 def run(args: argparse.Namespace) -> int:
     from videofeat.workers.reduce.dataset import DatasetNotReady
     from videofeat.workers.reduce.export import ExportConfig, export_run
 
     init_logger()
+    _check_paths(args)
     try:
         config = ExportConfig(run_dir=args.run_dir, output=args.output, format=args.format, prob_key=args.prob_key,
                               split_views=args.split_views, labels=args.labels,

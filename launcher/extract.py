@@ -86,10 +86,11 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input raises (ValueError, FileNotFoundError, FingerprintMismatch): the command runner
+    turns it into one message and exit 2, under ``videofeat`` and under torchrun alike."""
     init_logger(args.verbose)
     if (args.plan is None) != (args.task_index is None):
-        print("videofeat extract: --plan and --task-index go together", file=sys.stderr)
-        return 2
+        raise ValueError("--plan and --task-index go together")
     config = build_config(args)
     try:
         shard_ids = [int(s) for s in args.shards.split(",") if s.strip()] if args.shards else None
@@ -104,10 +105,10 @@ def main(argv=None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command, run_command
+    from videofeat.launcher.cli import parse_and_run
 
-    args, module = parse_command("extract", sys.argv[1:] if argv is None else argv)
-    return record(run_command)("extract", module, args)
+    # Parsing inside: a bad flag under torchrun is one message and exit 2 like any other bad input.
+    return int(record(parse_and_run)("extract", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,20 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 when the run completed, stopped or was preempted (the markers say which); 1 when it
+    diverged. Bad input raises, and the command runner turns it into one message and exit 2."""
     init_logger(level=args.log_level)
     cfg = build_config(args)
-    from videofeat.workers.finetune.loop import run_training
+    from videofeat.workers.finetune.loop import TrainingDiverged, run_training
 
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except TrainingDiverged as exc:
+        from videofeat.launcher.cli import reporting_rank
+
+        if reporting_rank():  # every rank stopped at the same step; one says why
+            log.error("%s", exc)
+        return 1
     log.info("fine-tuning %s at step %d (epoch %d)", result["status"], result["step"], result["epoch"])
     return 0
 
@@ -165,10 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The torchrun entry point: ``@record`` makes torchrun name the failing rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from videofeat.launcher.cli import parse_command, run_command
+    from videofeat.launcher.cli import parse_and_run
 
-    args, module = parse_command("finetune", list(sys.argv[1:] if argv is None else argv))
-    return record(run_command)("finetune", module, args)
+    # Parsing inside: a bad flag under torchrun is one message and exit 2 like any other bad input.
+    return int(record(parse_and_run)("finetune", list(sys.argv[1:] if argv is None else argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="videos with fewer frames are marked too_short")
     parser.add_argument("--crops", help="CSV video_id,crop_x,crop_y,crop_w,crop_h applied at decode time")
     parser.add_argument("--strict", action="store_true", help="exit non-zero if any video is not ok")
+    parser.add_argument("--skip-unlistable", action="store_true",
+                        help="write the manifest even if some folders cannot be listed (they are reported "
+                             "and recorded in its metadata); by default that is an error")
     parser.add_argument("--probe-procs", type=int, default=2, help="processes probing in parallel")
     parser.add_argument("--probe-timeout-s", type=float, default=120.0, help="per-video probe timeout")
 
@@ -54,7 +57,7 @@ def _probe(uris: list[str], args: argparse.Namespace) -> dict:
         return probe_all(uris, args.probe_procs, args.probe_timeout_s, on_result=lambda *_: bar.update())
 
 
-def print_summary(summary: dict, skipped: list, out=sys.stdout) -> None:
+def print_summary(summary: dict, skipped: list, out=sys.stdout, unlisted: list = ()) -> None:
     print(f"{summary['videos']} videos, {summary['hours']:.2f} h of video, {summary['vfr']} with variable "
           f"frame rate, {summary['shards']} shards (max {summary['max_shard_frames']} frames, "
           f"mean {summary['mean_shard_frames']:.0f})", file=out)
@@ -66,6 +69,8 @@ def print_summary(summary: dict, skipped: list, out=sys.stdout) -> None:
         print(f"  {status:<12} {video_id}: {error}", file=out)
     for uri, why in skipped:
         print(f"  skipped      {uri}: {why}", file=out)
+    for folder, why in unlisted:
+        print(f"  unlisted     {folder}: {why} (its videos are not in the manifest)", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
               f"in {time.monotonic() - started:.1f} s")
         return 0
     views = parse_views(args.views)
-    found = discover(args.root, args.layout, args.pattern, args.regex, views)
+    found = discover(args.root, args.layout, args.pattern, args.regex, views, args.skip_unlistable)
+    for folder, why in found.unlisted:
+        print(f"warning: cannot list {folder} ({why}): its videos are not in the manifest", file=sys.stderr)
     if not found.videos:
         print(f"no videos found under {args.root} with --layout {args.layout}"
               + (f" and --views {args.views}" if views else ""), file=sys.stderr)
@@ -94,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
     rows = build_rows(found.videos, probes, config, read_crops(args.crops) if args.crops else None)
     meta = {"root": args.root, "layout": args.layout, "views": list(views or []), "min_frames": args.min_frames,
             "num_shards": args.num_shards, "shard_frames": args.shard_frames,
-            "split_long_videos": args.split_long_videos, "crops": args.crops}
+            "split_long_videos": args.split_long_videos, "crops": args.crops,
+            "unlisted_folders": [list(entry) for entry in found.unlisted]}
     from videofeat import __version__
 
     fingerprint = write_manifest(rows, args.output, {**meta, "videofeat_version": __version__})
     summary = summarize(rows)
-    print_summary(summary, found.skipped)
+    print_summary(summary, found.skipped, unlisted=found.unlisted)
     print(f"wrote {args.output} (fingerprint {fingerprint}) in {time.monotonic() - started:.1f} s")
-    if args.strict and (summary["not_ok"] or found.skipped):
+    if args.strict and (summary["not_ok"] or found.skipped or found.unlisted):
         print(f"--strict: {len(summary['not_ok'])} video(s) not ok, {len(found.skipped)} skipped", file=sys.stderr)
         return 1
     return 0

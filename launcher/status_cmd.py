@@ -11,7 +11,7 @@ from videofeat.launcher.slurm.records import latest_submission, shard_tasks
 from videofeat.manifests.ledger import DONE, RunDir, ShardRecord
 from videofeat.manifests.manifest import read_manifest
 from videofeat.manifests.set_root import read_set_root, set_dirs
-from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.manifests.status import HAS_WINDOWS, REBUILD_MANIFEST_HINT, STALE_MANIFEST, TRANSIENT, kind
 
 LOG_TAIL_LINES = 5
 
@@ -40,7 +40,8 @@ def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
     """Everything the status table shows, as data (tests and the reducer read it too)."""
     run = run_dir.load_run()
     if run is None:
-        raise SystemExit(f"{run_dir.url} has no run.json: not a videofeat run directory (or nothing ran yet)")
+        raise FileNotFoundError(f"{run_dir.url} has no run.json: not a videofeat run directory (or nothing ran "
+                                "yet); `videofeat extract MANIFEST -o RUN_DIR` creates one")
     manifest = read_manifest(run["manifest"]).to_pylist()
     views = set(run.get("views") or []) or {r["view"] for r in manifest}
     rows = [r for r in manifest if r["view"] in views]
@@ -118,11 +119,11 @@ def show(url: str, args: argparse.Namespace, hints: bool = True, slurm_dir: RunD
             for tail in _log_tail(run_dir, record.logs[-1]) if record.state != DONE else []:
                 print(f"        | {tail}")
     transient = [v for v in data["no_windows"] if v[1] in TRANSIENT]
+    stale = [v for v in data["no_windows"] if v[1] in STALE_MANIFEST]
     if data["no_windows"]:
         print(f"videos without windows ({len(data['no_windows'])}):")
         for video_id, status, error, where in data["no_windows"]:
-            kind = "permanent" if status in PERMANENT else "transient" if status in TRANSIENT else status
-            print(f"  {status:<12} {video_id} [{kind}, {where}]: {error}")
+            print(f"  {status:<12} {video_id} [{kind(status)}, {where}]: {error}")
     pending = [r for r in records if r.state != DONE]
     if pending or transient:
         info = run_dir.load_record()
@@ -132,6 +133,8 @@ def show(url: str, args: argparse.Namespace, hints: bool = True, slurm_dir: RunD
             print(f"  or, on SLURM: videofeat slurm rerun {shlex.quote(url)}")
     if transient:
         print("recompute the shards whose videos failed transiently with:\n  " + info.rerun_command(rerun_failed=True))
-    if not pending and not transient and hints:
+    if stale:
+        print(f"{len(stale)} video(s) changed after the manifest was written; {REBUILD_MANIFEST_HINT}")
+    if not pending and not transient and not stale and hints:
         print("all shards are done; next: videofeat reduce " + shlex.quote(url))
     return 1 if pending else 0

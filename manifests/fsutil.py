@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from typing import Any, Optional
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from videofeat.manifests.temporaries import owner_tag
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -28,7 +29,8 @@ def join(*parts: str) -> str:
 
 
 def unique_suffix() -> str:
-    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Unique per write and naming the writer (host, pid): see :mod:`videofeat.manifests.temporaries`."""
+    return owner_tag()
 
 
 def replace(fs: fsspec.AbstractFileSystem, source: str, target: str) -> None:
@@ -97,3 +99,42 @@ def optional_read_json(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Any
         return read_json(fs, path)
     except FileNotFoundError:
         return None
+
+
+# Filesystems on which a file written on one machine can show up late on another (attribute
+# caches, client-side metadata): network and cluster filesystems, and FUSE mounts of them.
+SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                   "panfs", "wekafs", "9p", "afs", "ocfs2", "gfs2", "orangefs", "cvmfs")
+
+
+def mount_type(path: str) -> Optional[str]:
+    """The filesystem type of the mount holding local ``path`` (``/proc/self/mountinfo``), or None
+    where that cannot be read."""
+    import re
+
+    real = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, right.split()[0]
+    return kind
+
+
+def late_writes_plausible(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether a file another machine just wrote may not be visible here yet: object stores and
+    shared filesystems yes, a local disk no (unknown counts as yes)."""
+    if not is_local(fs):
+        return True
+    kind = mount_type(path)
+    return kind is None or kind.startswith("fuse") or kind.split(".")[0] in SHARED_FS_TYPES

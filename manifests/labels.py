@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import pyarrow as pa
 
 from videofeat.manifests import fsutil
-from videofeat.manifests.views import AICITY_PREFIX, maybe_canonical_view
+from videofeat.manifests.views import AICITY_PREFIX, aicity_view
 
 AICITY_CLASSES = (
     "Normal Forward Driving", "Drinking", "Phone Call(right)", "Phone Call(left)", "Eating",
@@ -70,7 +70,7 @@ def normalize_filename(name: str) -> tuple[str, str, str]:
     """A CSV ``Filename`` in any of the seed's spellings -> (video_id, session_id, view)."""
     stem = re.sub(r"\.(mp4|MP4)$", "", name.strip())
     match = _FILENAME.match(stem)
-    view = maybe_canonical_view(match.group("view")) if match else None
+    view = aicity_view(match.group("view")) if match else None
     if not match or view is None:
         raise ValueError(f"file name {name!r} is not <View>_user_id_<id>[_NoAudio]_<n>")
     session = f"user_id_{match.group('user')}_NoAudio_{match.group('index')}"

@@ -32,13 +32,13 @@ SCHEMA = pa.schema([
     ("num_frames", pa.int64()), ("fps_num", pa.int64()), ("fps_den", pa.int64()), ("fps", pa.float64()),
     ("start_time_s", pa.float64()), ("duration_s", pa.float64()), ("vfr", pa.bool_()),
     ("width", pa.int32()), ("height", pa.int32()), ("codec", pa.string()), ("size_bytes", pa.int64()),
-    ("status", pa.string()), ("error", pa.string()),
+    ("mtime_ns", pa.int64()), ("rotation", pa.int32()), ("status", pa.string()), ("error", pa.string()),
     ("crop_x", pa.int32()), ("crop_y", pa.int32()), ("crop_w", pa.int32()), ("crop_h", pa.int32()),
     ("shard_id", pa.int32()), ("piece_index", pa.int32()), ("num_pieces", pa.int32()),
     ("piece_start_frame", pa.int64()), ("piece_end_frame", pa.int64()),
 ])
 PROBE_FIELDS = ("num_frames", "fps_num", "fps_den", "fps", "start_time_s", "duration_s", "vfr",
-                "width", "height", "codec", "size_bytes", "status", "error")
+                "width", "height", "codec", "size_bytes", "mtime_ns", "rotation", "status", "error")
 CROP_FIELDS = ("crop_x", "crop_y", "crop_w", "crop_h")
 
 
@@ -72,6 +72,8 @@ class ManifestRow:
     height: Optional[int] = None
     codec: Optional[str] = None
     size_bytes: Optional[int] = None
+    mtime_ns: Optional[int] = None     # with size_bytes: how extraction tells the file is still the probed one
+    rotation: int = 0                  # degrees counter-clockwise the decoders turn each frame
     error: Optional[str] = None
     crop: Optional[tuple[int, int, int, int]] = None
     shard_id: Optional[int] = None
@@ -92,7 +94,8 @@ class ManifestRow:
             fps_num=row.get("fps_num"), fps_den=row.get("fps_den"), fps_float=row.get("fps"),
             start_time_s=row.get("start_time_s"), duration_s=row.get("duration_s"), vfr=bool(row.get("vfr")),
             width=row.get("width"), height=row.get("height"), codec=row.get("codec"),
-            size_bytes=row.get("size_bytes"), error=row.get("error"),
+            size_bytes=row.get("size_bytes"), mtime_ns=row.get("mtime_ns"), rotation=int(row.get("rotation") or 0),
+            error=row.get("error"),
             crop=None if any(v is None for v in box) else tuple(int(v) for v in box),  # type: ignore[arg-type]
             shard_id=None if shard is None else int(shard), piece_index=int(row.get("piece_index") or 0),
             num_pieces=int(row.get("num_pieces") or 1), piece_start_frame=int(row.get("piece_start_frame") or 0),

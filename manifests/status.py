@@ -2,7 +2,9 @@
 
 A video's status says whether it has (or will have) windows, and if not, whether a rerun can
 change that. Permanent statuses are facts about the file; transient ones are facts about an
-attempt, so a rerun may clear them.
+attempt, so a rerun may clear them; a stale-manifest status is a fact about the manifest (the
+file is no longer the one it describes), so only a rebuilt manifest clears it, and until then
+the run is incomplete.
 """
 
 from __future__ import annotations
@@ -19,13 +21,34 @@ TIMEOUT = "timeout"
 CRASHED = "crashed"
 DECODE_ERROR = "decode_error"
 FRAME_COUNT_MISMATCH = "frame_count_mismatch"
+# The manifest says ok, but at extract time the file could not be read (moved, permissions, a
+# storage hiccup): the next attempt may well succeed, so it is never a permanent absence.
+UNAVAILABLE = "unavailable"
+# The file is not the one the manifest probed (size, mtime, frame rate or frame count differ):
+# its windows would be timed with the old probe, so none are written.
+CHANGED = "changed"
 
-ALL_STATUSES = (OK, EMPTY, UNREADABLE, TOO_SHORT, TIMEOUT, CRASHED, DECODE_ERROR, FRAME_COUNT_MISMATCH)
+ALL_STATUSES = (OK, EMPTY, UNREADABLE, TOO_SHORT, TIMEOUT, CRASHED, DECODE_ERROR, FRAME_COUNT_MISMATCH,
+                UNAVAILABLE, CHANGED)
 PERMANENT = frozenset({EMPTY, UNREADABLE, TOO_SHORT})
-TRANSIENT = frozenset({TIMEOUT, CRASHED, DECODE_ERROR})
+TRANSIENT = frozenset({TIMEOUT, CRASHED, DECODE_ERROR, UNAVAILABLE})
+STALE_MANIFEST = frozenset({CHANGED})
+REBUILD_MANIFEST_HINT = ("the file changed after the manifest was written: rebuild the manifest with "
+                         "`videofeat manifest` and extract into a new run directory")
 # A frame-count mismatch still yields windows (from the frames that were really decoded); it is
 # a warning about the manifest's count, not a failure.
 HAS_WINDOWS = frozenset({OK, FRAME_COUNT_MISMATCH})
+
+
+def kind(status: str) -> str:
+    """``permanent``, ``transient``, ``rebuild the manifest`` or the status itself (ok, mismatch)."""
+    if status in PERMANENT:
+        return "permanent"
+    if status in TRANSIENT:
+        return "transient"
+    if status in STALE_MANIFEST:
+        return "rebuild the manifest"
+    return status
 
 
 def describe_exit(exitcode: Optional[int]) -> str:

@@ -1,4 +1,11 @@
-"""Camera views: one canonical spelling, and every spelling the seed's scripts and CSVs used."""
+"""Camera views: one canonical spelling per view, for the AI City names and for any other.
+
+The AI City views keep the spellings the seed's outputs use (``dashboard``, ``rear``,
+``right``), whatever alias a file name, CSV or flag gives. Any other name a layout produces
+(``default`` for a glob without a view group, ``front``, ``cam_2``, ...) is a view too: it is
+lower-cased with spaces and dashes folded to ``_``, and must then be a safe file-name and
+column-name part, because it names ``dataset/<view>.parquet`` and ``<view>_feature``.
+"""
 
 from __future__ import annotations
 
@@ -26,18 +33,28 @@ _ALIASES = {
 }
 
 
-def canonical_view(name: str) -> str:
-    """Map any accepted spelling of a view (``Rear``, ``Rearview``, ``Dash``, ...) to its name."""
+_VIEW_NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
+
+
+def aicity_view(name: str) -> Optional[str]:
+    """The AI City view an alias names (``Rear``, ``Rearview``, ``Dash``, ...), or None."""
     key = re.sub(r"[\s-]+", "_", name.strip().lower())
-    if key in _ALIASES:
-        return _ALIASES[key]
-    squeezed = key.replace("_", "")
-    if squeezed in _ALIASES:
-        return _ALIASES[squeezed]
-    raise ValueError(
-        f"unknown view {name!r}: use one of {', '.join(CANONICAL_VIEWS)} "
-        "(the seed's spellings Dash, Rear, Rearview, Right are accepted too)"
-    )
+    return _ALIASES.get(key) or _ALIASES.get(key.replace("_", ""))
+
+
+def canonical_view(name: str) -> str:
+    """The one spelling of a view every stage uses: an AI City alias maps to its canonical name,
+    any other name is lower-cased with spaces and dashes as ``_``."""
+    known = aicity_view(name)
+    if known:
+        return known
+    key = re.sub(r"[\s-]+", "_", name.strip().lower())
+    if not _VIEW_NAME.match(key):
+        raise ValueError(
+            f"view name {name!r} cannot name a file or column: use letters, digits and '_' "
+            f"(at most 64), e.g. front or cam_2; the AI City views are {', '.join(CANONICAL_VIEWS)}"
+        )
+    return key
 
 
 def maybe_canonical_view(name: str) -> Optional[str]:

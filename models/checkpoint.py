@@ -14,6 +14,9 @@ import logging
 import os
 import pickle
 import re
+import socket
+import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -272,6 +275,17 @@ def _check_plain(value: Any, where: str) -> None:
                     "and containers only (configs as JSON strings, RNG states as tensors)")
 
 
+# Fault injection for the tests of a kill during a checkpoint write: hold the temporary file open,
+# written but not yet renamed into place, for this many seconds.
+WRITE_DELAY_ENV = "VIDEOFEAT_FAULT_CHECKPOINT_WRITE_DELAY_S"
+
+
+def _injected_write_delay() -> None:
+    delay = os.environ.get(WRITE_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
 def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> None:
     """Write ``{"model": weights in VideoMAE layout, "arch": JSON record, **extra}`` atomically.
 
@@ -295,13 +309,16 @@ def save_checkpoint(path: PathLike, model: torch.nn.Module, **extra: Any) -> Non
     # Written here rather than through manifests.fsutil's atomic writer: models/ imports nothing
     # of ours but its own layers. Same protocol: a temporary name, fsync, one rename.
     fs, target = fsspec.core.url_to_fs(os.fspath(path))
-    tmp = f"{target}.tmp-{os.getpid()}"
+    # <host>-p<pid>-<nonce>: the naming that manifests.temporaries recognises, so a later run can
+    # tell the temporary of a killed writer from one a live process is still writing.
+    tmp = f"{target}.tmp-{socket.gethostname()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
     parent = target.rsplit("/", 1)[0] if "/" in target else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
     try:
         with fs.open(tmp, "wb") as handle:
             torch.save(payload, handle)
+            _injected_write_delay()
             if isinstance(fs, LocalFileSystem):
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -65,8 +65,16 @@ def test_two_torchrun_ranks_equal_one_rank(reference):
 def test_rank_killed_mid_shard_then_plain_rerun(reference, tmp_path):
     root, manifest, ckpt, (ref_keys, ref_feats) = reference
     out = str(tmp_path / "killed")
-    # Shard 2's first video becomes a FIFO that nobody writes: its rank stays inside shard 2.
+    # Shard 2's first video becomes a FIFO that nobody writes: its rank stays inside shard 2. The
+    # manifest must not know the file's size and mtime (as for a store that reports none), or the
+    # pre-decode check would rightly call the FIFO `changed` instead of hanging on it.
     victim = str(root / "Rear_view_user_id_2_NoAudio_1.mp4")
+    rows = pq.read_table(manifest).to_pylist()
+    for row in rows:
+        if row["uri"] == victim:
+            row["size_bytes"] = row["mtime_ns"] = None
+    manifest = str(tmp_path / "manifest.parquet")
+    write_manifest(rows, manifest)
     saved = str(tmp_path / "saved.mp4")
     shutil.move(victim, saved)
     os.mkfifo(victim)

@@ -162,3 +162,66 @@ def test_finetuned_checkpoint_extracts_without_conversion(data, straight, tmp_pa
     rows = pq.read_table(run.shard_path(0)).to_pylist()
     assert rows and all(len(r["probs"]) == 4 and abs(sum(r["probs"]) - 1) < 1e-5 for r in rows)
     assert all(len(r["feature"]) == 64 for r in rows)
+
+
+def test_absurd_learning_rate_stops_at_the_step_with_no_nan_checkpoint(data, tmp_path):
+    """A real NaN: lr 1e4 under torchrun. Every rank stops at the same step, before updating the
+    weights from it; the error names the step and the learning rate; no checkpoint holding
+    non-finite weights and no COMPLETED marker is written; the launch fails."""
+    out = tmp_path / "diverged"
+    proc = torchrun(cpu_test_args(data, out, "--lr", "1e4", "--epochs", "2"), stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode != 0, output[-3000:]
+    records = _metrics(out)
+    diverged = [r for r in records if r["event"] == "diverged"]
+    assert len(diverged) == 1, records
+    step = diverged[0]["step"]
+    assert f"non-finite loss (nan) at step {step}" in output or f"non-finite loss (inf) at step {step}" in output
+    assert "learning rate too high" in output and "--lr 10000" in output
+    assert output.count("non-finite loss") == 1, output[-3000:]  # rank 0 says it; rank 1 only exits 1
+    assert "Traceback" not in output.split("torch/distributed/elastic")[0]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, step))
+    assert not (out / "COMPLETED").exists()
+    for checkpoint in out.glob("checkpoint-*.pt"):
+        assert all(torch.isfinite(t).all() for t in _weights(checkpoint).values() if t.is_floating_point())
+
+
+def test_kill_during_checkpoint_write_resumes_to_the_straight_run(data, straight, tmp_path):
+    """SIGKILL rank 0 while it writes checkpoint-last.pt at the end of epoch 2 (each write is held
+    open for a while, written but not yet renamed). The previous checkpoint and its record are
+    intact; a plain rerun removes the killed writer's temporary, resumes from epoch 1, logs each
+    step once and ends with the straight run's weights."""
+    import re
+
+    from videofeat.models.checkpoint import WRITE_DELAY_ENV
+
+    out = tmp_path / "killed"
+    # --save-every beyond --epochs: only checkpoint-last (and -best) exist to resume from.
+    args = cpu_test_args(data, out, "--epochs", str(EPOCHS), "--save-every", "100")
+    steps_per_epoch = _metrics(straight)[0]["steps_per_epoch"]
+    proc = torchrun(args, env_extra={WRITE_DELAY_ENV: "1.5"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True)
+    record, temp = out / "checkpoint-last.pt.json", None
+    deadline = time.time() + RUN_TIMEOUT
+    while time.time() < deadline and proc.poll() is None and temp is None:
+        if record.exists() and json.loads(record.read_text())["epoch"] == 1:
+            temp = next(out.glob("checkpoint-last.pt.tmp-*"), None)  # epoch 2's write
+        time.sleep(0.02)
+    assert temp is not None, "no checkpoint write of epoch 2 was seen"
+    writer = int(re.search(r"-p(\d+)-[0-9a-f]{8}$", temp.name).group(1))
+    os.kill(writer, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode != 0
+    assert temp.exists(), "the kill landed after the rename"
+    assert json.loads(record.read_text())["step"] == steps_per_epoch  # the epoch-1 checkpoint still vouched for
+    assert 2 * steps_per_epoch in [r["step"] for r in _metrics(out) if r["event"] == "train"]
+
+    resumed = _run(args)
+    assert "resumed from" in resumed.stdout and f"step {steps_per_epoch} " in resumed.stdout
+    assert not temp.exists() and not list(out.glob("*.tmp-*"))
+    records = _metrics(out)
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, EPOCHS * steps_per_epoch + 1))
+    assert [r["epoch"] for r in records if r["event"] == "val"] == list(range(1, EPOCHS + 1))
+    assert (out / "COMPLETED").exists()
+    _assert_same_weights(out / "checkpoint-last.pt", straight / "checkpoint-last.pt")

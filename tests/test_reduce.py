@@ -122,12 +122,13 @@ def write_shard(run: RunDir, shard_id: int, videos: list[Video], dim: int, class
 
 
 def make_run(root, videos: list[Video], dim: int = 8, classes: int = 4, skip: tuple = (),
-             views=("rear", "dashboard")) -> RunDir:
-    """A run directory with every shard of ``videos`` committed except those in ``skip``."""
+             views=("rear", "dashboard"), run_url: Optional[str] = None) -> RunDir:
+    """A run directory (``root/run`` or ``run_url``) with every shard of ``videos`` committed
+    except those in ``skip``."""
     manifest = os.path.join(root, "manifest.parquet")
     os.makedirs(root, exist_ok=True)
     write_manifest(manifest_table(videos).to_pylist(), manifest)
-    run = RunDir(os.path.join(root, "run"))
+    run = RunDir(run_url or os.path.join(root, "run"))
     run.initialize({"manifest": "m1", "model": "tiny", "views": list(views)},
                    {"preset": "test", "model": "tiny", "checkpoints": {"rear": "rear.pt", "dashboard": "dash.pt"}},
                    extra={"manifest": manifest, "views": list(views), "feature_dim": dim, "num_classes": classes,
@@ -348,14 +349,17 @@ def test_real_extraction_run_refused_then_completed_by_the_printed_command(tmp_p
 
 
 def test_marker_that_appears_late_on_a_shared_filesystem_is_waited_for(tmp_path):
+    """Where a marker written elsewhere can show up late (here fsspec's in-memory filesystem,
+    which like an object store is not a local disk), an interrupted-looking shard is waited for."""
     import threading
+    import uuid
 
     videos = basic_videos()
-    run = make_run(tmp_path, videos)
-    os.remove(run.marker_path(1))
-    run.fs.makedirs(run.path("logs"), exist_ok=True)
-    open(run.log_path(1, 1), "w").write("shard 1 attempt 1\n")  # started elsewhere, marker not visible yet
-    late = threading.Timer(0.6, lambda: open(run.marker_path(1), "w").close())
+    run = make_run(tmp_path, videos, run_url=f"memory://late-marker-{uuid.uuid4().hex[:8]}/run")
+    run.fs.rm(run.marker_path(1))
+    with run.fs.open(run.log_path(1, 1), "wb") as handle:  # started elsewhere, marker not visible yet
+        handle.write(b"shard 1 attempt 1\n")
+    late = threading.Timer(0.6, lambda: run.fs.pipe(run.marker_path(1), b""))
     late.start()
     try:
         summary = reduce_run(ReduceConfig(run.url, marker_wait_s=10))
@@ -364,3 +368,59 @@ def test_marker_that_appears_late_on_a_shared_filesystem_is_waited_for(tmp_path)
     assert summary["complete"] and summary["views"]["dashboard"]["windows"] == 18
     with pytest.raises(ValueError, match="--marker-wait must be between 0 and 60"):
         ReduceConfig(run.url, marker_wait_s=600)
+
+
+def test_interrupted_shard_on_a_local_disk_is_reported_without_waiting(tmp_path):
+    """A worker killed mid-shard leaves its log and nothing else. On a local disk its marker
+    cannot be on its way, so the default 60 s marker wait is not spent."""
+    import time
+
+    from videofeat.manifests import fsutil
+
+    videos = basic_videos()
+    run = make_run(tmp_path, videos, skip=(1,))
+    assert not fsutil.late_writes_plausible(run.fs, run.root), fsutil.mount_type(run.root)
+    run.fs.makedirs(run.path("logs"), exist_ok=True)
+    with run.fs.open(run.log_path(1, 1), "wb") as handle:
+        handle.write(b"extracting shard 00001\n")
+    began = time.monotonic()
+    with pytest.raises(IncompleteRun, match="shards interrupted \\(1\\): 00001") as caught:
+        reduce_run(ReduceConfig(run.url))  # the default --marker-wait
+    assert time.monotonic() - began < 10, "waited for a marker on a local disk"
+    assert "left no completion marker" in str(caught.value)
+
+
+def test_reduce_removes_temporaries_of_dead_writers_only(tmp_path):
+    """Leftovers of a killed reduce in dataset/ go; a live process's temporary, another host's
+    recent one and files not of our naming stay."""
+    import socket
+    import time
+
+    videos = basic_videos()
+    run = make_run(tmp_path, videos)
+    dataset = tmp_path / "run" / "dataset"
+    dataset.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    host = socket.gethostname()
+    try:
+        names = {
+            "dead": f"rear.parquet.tmp-{host}-p{dead.pid}-0badc0de",
+            "live": f"rear.parquet.tmp-{host}-p{live.pid}-00c0ffee",
+            "elsewhere_recent": f"dashboard.parquet.tmp-node-b-p{dead.pid}-12345678",
+            "elsewhere_old": f"summary.json.tmp-node-b-p{dead.pid}-87654321",
+            "not_ours": "notes.txt.tmp-1234",
+        }
+        for name in names.values():
+            (dataset / name).write_bytes(b"x" * 1000)
+        old = time.time() - 3600
+        os.utime(dataset / names["elsewhere_old"], (old, old))
+        reduce_run(ReduceConfig(run.url, marker_wait_s=0))
+        left = set(os.listdir(dataset))
+    finally:
+        live.kill()
+        live.wait()
+    assert names["dead"] not in left and names["elsewhere_old"] not in left
+    assert {names["live"], names["elsewhere_recent"], names["not_ours"]} <= left
+    assert {"rear.parquet", "dashboard.parquet", "summary.json"} <= left

@@ -12,12 +12,20 @@ full-size frames on H.264. This module imports only numpy and the decoder, so th
 processes stay light.
 
 Two error classes let callers tell a file that is not a video (:class:`VideoOpenError`, a
-permanent fact about the file) from a decode failure part-way (:class:`VideoDecodeError`, which
-carries the index of the frame that failed).
+permanent fact about the file, unless ``io_error`` says the file could not be read at all) from
+a decode failure part-way (:class:`VideoDecodeError`, which carries the index of the frame that
+failed).
+
+Frames come out as a player shows them: a display matrix (or the legacy ``rotate`` tag FFmpeg
+turns into one) that rotates by a multiple of 90 degrees is applied before the crop, and
+``width``/``height`` are the displayed size (crop boxes are in displayed pixels). A matrix that
+mirrors the picture or turns it by another angle is refused with a :class:`VideoOpenError` that
+says rotation is not applied.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from fractions import Fraction
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -35,10 +43,13 @@ Frame = tuple[int, np.ndarray, float]
 class VideoOpenError(RuntimeError):
     """The file cannot be opened as a video (missing, not a container, no video stream)."""
 
-    def __init__(self, uri: str, reason: str):
+    def __init__(self, uri: str, reason: str, io_error: bool = False):
         super().__init__(f"cannot open {uri} as a video: {reason}")
         self.uri = uri
         self.reason = reason
+        # True when the file could not be read (missing, permissions, I/O), not when it was read
+        # and is not a video: the first may pass on the next attempt, the second never will.
+        self.io_error = io_error
 
 
 class VideoDecodeError(RuntimeError):
@@ -81,8 +92,9 @@ class VideoSource:
         self.crop = _validate_crop(crop, uri)
         self.fps: Optional[Fraction] = None
         self.num_frames: Optional[int] = None  # as the container reports it; may be None or wrong
-        self.width = 0
+        self.width = 0   # as displayed: swapped for a 90/270-degree rotation
         self.height = 0
+        self.rotation = 0  # degrees counter-clockwise applied to every frame
 
     def stream(self, start_frame: int = 0, end_frame: Optional[int] = None,
                transform: Transform = None, output_size: Optional[tuple[int, int]] = None) -> Iterator[Frame]:
@@ -138,7 +150,7 @@ class PyAVSource(VideoSource):
             self._container = av.open(source, mode="r")
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             self.close()
-            raise VideoOpenError(uri, str(exc)) from exc
+            raise VideoOpenError(uri, str(exc), io_error=isinstance(exc, OSError)) from exc
         if not self._container.streams.video:
             self.close()
             raise VideoOpenError(uri, "no video stream")
@@ -150,8 +162,33 @@ class PyAVSource(VideoSource):
         self.num_frames = int(self._stream.frames) or None
         self._time_base = self._stream.time_base
         self._start_pts = self._stream.start_time or 0
+        self._peek()
+
+    def _peek(self) -> None:
+        """Decode the first frame to learn the orientation; a stream from frame 0 reuses it."""
+        self._configure()
+        self._head: Optional[Iterator[Any]] = self._decoded()
+        self._head_error: Optional[str] = None
+        try:
+            self._first = next(self._head, None)
+        except _DecodeFailure as exc:
+            self._first, self._head_error = None, str(exc)
+        rotation, mirrored = (0, False)
+        if self._first is not None:
+            from videofeat.manifests.probe import frame_orientation
+
+            rotation, mirrored = frame_orientation(self._first)
+        try:
+            self.rotation = _check_orientation(self.uri, rotation, mirrored)
+        except VideoOpenError:
+            self.close()
+            raise
+        if self.rotation in (90, 270):
+            self.width, self.height = self.height, self.width
 
     def _configure(self) -> None:
+        if self._stream.codec_context.is_open:
+            return  # already decoding (the peek at the first frame opened it)
         self._stream.thread_count = self._threads
         self._stream.thread_type = "AUTO" if self._threads > 1 else "SLICE"
 
@@ -203,11 +240,23 @@ class PyAVSource(VideoSource):
         self._container.seek(self._start_pts, stream=self._stream, backward=True, any_frame=False)
         return enumerate(self._decoded())
 
+    def _from_zero(self) -> Iterator[tuple[int, Any]]:
+        """Frames from index 0: the peeked frame and the rest of its decode, once; then by seeking."""
+        head, self._head = self._head, None
+        if head is None:
+            return self._reopen_at_zero()
+        if self._head_error is not None:
+            raise VideoDecodeError(self.uri, 0, self._head_error)
+        return enumerate(itertools.chain([self._first] if self._first is not None else [], head))
+
     def _frames(self, start: int, end: Optional[int], output_size) -> Iterator[Frame]:
         self._configure()
-        numbered = self._seek(start) if start > 0 else None
+        numbered = None
+        if start > 0:
+            self._head = None  # seeking ends the peeked decode
+            numbered = self._seek(start)
         if numbered is None:
-            numbered = self._reopen_at_zero() if start > 0 else enumerate(self._decoded())
+            numbered = self._from_zero()
         graph = self._fast_graph(output_size) if output_size else None
         index = start
         try:
@@ -221,7 +270,7 @@ class PyAVSource(VideoSource):
                     graph.push(frame)
                     rgb = graph.pull().to_ndarray(format="rgb24")
                 else:
-                    rgb = self._crop(frame.to_ndarray(format="rgb24"))
+                    rgb = self._crop(_rotate(frame.to_ndarray(format="rgb24"), self.rotation))
                 yield index, rgb, pts
                 index += 1
         except _DecodeFailure as exc:
@@ -231,6 +280,7 @@ class PyAVSource(VideoSource):
         """Crop and scale inside FFmpeg (swscale bilinear): fast, a few /255 off the exact path."""
         graph = self._av.filter.Graph()
         nodes = [graph.add_buffer(template=self._stream)]
+        nodes += [graph.add(name, args) for name, args in _ROTATE_FILTERS[self.rotation]]
         if self.crop is not None:
             x, y, w, h = self.crop
             nodes.append(graph.add("crop", f"{w}:{h}:{x}:{y}"))
@@ -255,6 +305,44 @@ class _DecodeFailure(Exception):
     pass
 
 
+# FFmpeg filters that turn a frame counter-clockwise by the key, as ``ffmpeg -autorotate`` does.
+_ROTATE_FILTERS = {0: (), 90: (("transpose", "cclock"),), 180: (("hflip", None), ("vflip", None)),
+                   270: (("transpose", "clock"),)}
+
+
+def _check_orientation(uri: str, rotation: int, mirrored: bool) -> int:
+    from videofeat.manifests.probe import orientation_problem
+
+    problem = orientation_problem(uri, rotation, mirrored)
+    if problem:
+        raise VideoOpenError(uri, problem)
+    return rotation
+
+
+def _rotate(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """Turn a decoded frame counter-clockwise by ``rotation`` degrees (a multiple of 90)."""
+    return np.ascontiguousarray(np.rot90(rgb, k=rotation // 90)) if rotation else rgb
+
+
+def read_orientation(uri: str) -> tuple[int, bool]:
+    """The display orientation of ``uri``'s first frame, read with PyAV (decord does not expose it)."""
+    import av
+
+    source, handle = _open_input(uri)
+    try:
+        with av.open(source, mode="r") as container:
+            for frame in container.decode(video=0):
+                from videofeat.manifests.probe import frame_orientation
+
+                return frame_orientation(frame)
+    except av.error.FFmpegError:
+        pass  # the decoder that reads the frames reports what is wrong with the file
+    finally:
+        if handle is not None:
+            handle.close()
+    return 0, False
+
+
 class DecordSource(VideoSource):
     """decord decoding (``--decoder decord``): the seed's ViT-L reader.
 
@@ -274,6 +362,16 @@ class DecordSource(VideoSource):
         self._reader_size: Optional[tuple[int, int]] = None
         source, self._handle = _open_input(uri)
         self._source = source
+        rotation, mirrored = read_orientation(uri)
+        if rotation or mirrored:
+            # decord turns some rotations itself and mangles others (a 90-degree file came back
+            # with 4 channels): refuse rather than guess which.
+            _check_orientation(uri, rotation, mirrored)
+            self.close()
+            raise VideoOpenError(uri, f"its display matrix rotates it by {rotation} degrees and --decoder "
+                                      "decord does not apply that reliably, so rotation is not applied; "
+                                      "use --decoder pyav")
+        self.rotation = 0
         self._vr = self._open((-1, -1))
         self.num_frames = len(self._vr)
         rate = self._vr.get_avg_fps()
@@ -330,5 +428,5 @@ def open_video(uri: str, backend: str = "pyav", crop: Crop = None, threads: int 
         if backend == "pyav":
             return PyAVSource(uri, crop, threads)
         return DecordSource(uri, crop, threads)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise VideoOpenError(uri, str(exc)) from exc
+    except OSError as exc:  # missing, a folder, permissions, an I/O error
+        raise VideoOpenError(uri, str(exc), io_error=True) from exc

@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from videofeat.manifests.status import CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNREADABLE, describe_exit
+from videofeat.manifests.status import (CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, UNAVAILABLE, UNREADABLE,
+                                        describe_exit)
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.resize import FrameResize
@@ -162,7 +163,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                 continue
             with open_video(job.uri, backend, crop=job.crop, threads=threads) as source:
                 info = {"fps": str(source.fps) if source.fps else None, "width": source.width,
-                        "height": source.height, "container_frames": source.num_frames}
+                        "height": source.height, "container_frames": source.num_frames, "rotation": source.rotation}
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
                 for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):
@@ -178,7 +179,12 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                     count += 1
             messages.send(("done", job.key, count))
         except VideoOpenError as exc:
-            messages.send(("failed", job.key, UNREADABLE, str(exc), None, count))
+            # Jobs come from a manifest whose probe read the file: one that cannot be read now
+            # (moved, permissions, I/O) may be readable on the next attempt.
+            status = UNAVAILABLE if exc.io_error else UNREADABLE
+            messages.send(("failed", job.key, status, str(exc), None, count))
+        except OSError as exc:  # the stat above: the file is gone or unreachable
+            messages.send(("failed", job.key, UNAVAILABLE, f"cannot read {job.uri}: {exc}", None, count))
         except VideoDecodeError as exc:
             messages.send(("failed", job.key, DECODE_ERROR, str(exc)[:2000], exc.frame_index, count))
         except Exception as exc:  # any other decoder failure is about this video, not the pool

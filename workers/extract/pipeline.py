@@ -21,10 +21,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from videofeat.manifests.manifest import ManifestRow
-from videofeat.manifests.status import FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
+from videofeat.manifests.status import CHANGED, FRAME_COUNT_MISMATCH, OK, TOO_SHORT, VideoRecord
 from videofeat.manifests.windows import Sampling
 
 from videofeat.workers.decode.pool import DecodeEvent, DecodeJob, DecodePool
+from videofeat.workers.extract import preflight
 from videofeat.workers.extract.presets import WindowAssembler, window_times
 from videofeat.workers.shard_io import ShardWriter
 
@@ -51,6 +52,7 @@ class _Video:
     finished: bool = False
     record: Optional[VideoRecord] = None
     started: float = field(default_factory=time.monotonic)
+    changed: Optional[str] = None  # the decoder found another file than the manifest's: frames ignored
 
 
 def _plan_video(row: ManifestRow, sampling: Sampling) -> _Video:
@@ -101,9 +103,15 @@ class _Group:
     def _in_range(self, video: _Video, index: int) -> bool:
         return index >= video.decode_start and (video.decode_end is None or index < video.decode_end)
 
+    def refuse(self, key: int, status: str, error: str) -> None:
+        """A video the pre-decode check turned away: a record, no decode, no rows."""
+        video = self.videos[key]
+        video.record = VideoRecord(video.row.video_id, status, error)
+        video.finished = True
+
     def on_frame(self, event: DecodeEvent) -> None:
         video = self.videos[event.key]
-        if not self._in_range(video, event.index):
+        if video.changed or not self._in_range(video, event.index):
             return  # another group's range of this video (pieces of different spans)
         video.frames_seen += 1
         if video.assembler is None:
@@ -117,7 +125,10 @@ class _Group:
     def on_end(self, event: DecodeEvent) -> None:
         video = self.videos[event.key]
         frames = video.frames_seen
-        if event.kind == "done":
+        if video.changed:
+            video.record = VideoRecord(video.row.video_id, CHANGED, video.changed, frames, 0, None,
+                                       time.monotonic() - video.started)
+        elif event.kind == "done":
             windows = video.assembler.emitted if video.assembler else 0
             if windows == 0:
                 status, error = TOO_SHORT, (f"{frames} frames decoded, fewer than one window of "
@@ -222,12 +233,26 @@ class ShardPipeline:
         """Process every row; returns the per-video stats records of each output, in output order."""
         jobs = []
         for i, row in enumerate(self.rows):
+            refused = preflight.check_file(row)
+            if refused:
+                log.warning("%s: %s: %s", row.video_id, *refused)
+                for group in self.groups:
+                    group.refuse(i, *refused)
+                continue
             plans = [group.videos[i] for group in self.groups]
             starts = [v.decode_start for v in plans]
             ends = [v.decode_end for v in plans]
             jobs.append(DecodeJob(i, row.uri, min(starts), None if None in ends else max(ends), row.crop))
+        for group in self.groups:
+            group.write_ready()
         for event in self.pool.run(jobs, self.should_stop):
-            if event.kind == "frame":
+            if event.kind == "opened":
+                refused = preflight.check_opened(self.rows[event.key], event.info)
+                if refused:
+                    log.warning("%s: %s: %s", self.rows[event.key].video_id, CHANGED, refused[1])
+                    for group in self.groups:
+                        group.videos[event.key].changed = refused[1]
+            elif event.kind == "frame":
                 self.frames_decoded += 1
                 self.on_frames(1)
                 for group in self.groups:

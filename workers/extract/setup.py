@@ -33,7 +33,9 @@ def load_manifest_rows(path: str, views: Optional[Sequence[str]]) -> tuple[dict[
         if len({r.view for r in rows}) > 1:
             raise ValueError(f"{path}: shard {shard_id} mixes views; rebuild the manifest with `videofeat manifest`")
     if not by_shard:
-        raise ValueError(f"{path} has no ok videos" + (f" for --views {','.join(views)}" if views else ""))
+        present = sorted({row["view"] for row in table.select(["view"]).to_pylist()})
+        raise ValueError(f"{path} has no ok videos" + (f" for --views {','.join(views)} (its views: "
+                                                       f"{', '.join(present) or 'none'})" if views else ""))
     return by_shard, manifest_fingerprint(table)
 
 

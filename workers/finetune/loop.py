@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from videofeat.manifests import fsutil
 from videofeat.workers.finetune.augment import AugmentConfig, ClipTransform, apply_mixup, build_criterion, build_mixup
 from videofeat.workers.finetune.clip_sampling import SamplingConfig
 from videofeat.workers.finetune.optim import CosineSchedule, OptimConfig, apply_lr, build_optimizer, scaled_lr
@@ -114,8 +115,15 @@ def _config_differences(saved_json: str, cfg: TrainConfig) -> list[str]:
     return sorted(k for k in set(saved) | set(now) if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k))
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or weight: the run stops there and writes no checkpoint after it."""
+
+
 class MetricsLog:
-    """Rank 0's JSONL metrics file (appended to across resumptions)."""
+    """Rank 0's JSONL metrics file, appended to across resumptions; each step and evaluation
+    appears once (the records of steps a resumed run replays are dropped when it starts)."""
+
+    REPLAYED_EVENTS = ("train", "val")
 
     def __init__(self, path: str, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -124,6 +132,26 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Forget train / val records past ``step``: the run resumes there and writes them again."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as handle:
+            lines = handle.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if record.get("event") in self.REPLAYED_EVENTS and int(record.get("step", 0)) > step:
+                continue
+            kept.append(line)
+        if len(kept) == len(lines):
+            return
+        fs, inner = fsutil.filesystem(self.path)
+        fsutil.write_bytes_atomic(fs, inner, "".join(line + "\n" for line in kept).encode())
 
 
 class Trainer:
@@ -214,6 +242,12 @@ class Trainer:
         return True
 
     def save(self, name: str) -> None:
+        # Every rank holds the same weights under DDP; all agree before any file is touched.
+        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                     if t.is_floating_point())
+        if self.env.all_reduce_max(0 if finite else 1):
+            raise TrainingDiverged(f"the weights hold non-finite values after step {self.step}; {name} was "
+                                   f"not written. Likely cause: {self._likely_cause()}")
         rng = ts.gather_rng_states(self.env.all_gather)  # a collective: every rank calls save()
         if self.env.is_main:
             ts.save_training_checkpoint(
@@ -246,6 +280,28 @@ class Trainer:
                 loss = self.criterion(self.forward(clips), targets)
             self.scaler.scale(loss / cfg.accum_steps).backward()
         return float(loss.detach())
+
+    def _likely_cause(self) -> str:
+        if self.step == 0:
+            return ("the starting weights (--checkpoint) or the input clips hold non-finite values: no update "
+                    "had been made yet")
+        if self.amp_dtype == torch.float16:
+            return "fp16 overflow (--precision fp16): use --precision bf16 or fp32, or a lower --lr"
+        return (f"a learning rate too high for this model (lr {self.schedule(self.step - 1):.3g} at the last "
+                f"update, from --lr {self.cfg.optim.lr:g}): lower --lr, or set --clip-grad / --warmup-epochs")
+
+    def _check_finite(self, losses: list[float]) -> None:
+        """Stop before an update made from a non-finite loss: every rank agrees at the same step."""
+        bad = [loss for loss in losses if not np.isfinite(loss)]
+        if not self.env.all_reduce_max(1 if bad else 0):
+            return
+        step = self.step + 1
+        self.metrics.write(event="diverged", step=step, epoch=self.epoch + 1, epoch_step=self.epoch_step + 1,
+                           loss=repr(bad[0]) if bad else "non-finite on another rank")
+        raise TrainingDiverged(f"non-finite loss ({bad[0] if bad else 'on another rank'}) at step {step} "
+                               f"(epoch {self.epoch + 1}, step {self.epoch_step + 1} of {self.steps_per_epoch}); "
+                               f"stopped before updating the weights, no checkpoint written since the last good "
+                               f"one. Likely cause: {self._likely_cause()}")
 
     def _optimizer_step(self) -> None:
         apply_lr(self.optimizer, self.schedule(self.step))
@@ -281,6 +337,7 @@ class Trainer:
             micro += 1
             if not sync:
                 continue
+            self._check_finite(losses[-cfg.accum_steps:])
             self._optimizer_step()
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.epoch_step == self.steps_per_epoch:
@@ -302,7 +359,10 @@ class Trainer:
         if env.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
         env.barrier()
+        if env.is_main:
+            ts.remove_stale_temporaries(cfg.output_dir)
         resumed = self.resume()
+        self.metrics.drop_after(self.step)
         if env.is_main:
             ts.remove_marker(cfg.output_dir, ts.PREEMPTED)
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as handle:

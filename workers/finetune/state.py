@@ -11,9 +11,12 @@ Layout of the output directory (``OUT``)::
     OUT/COMPLETED               written when the last epoch is done
 
 A checkpoint is written to a temporary name, renamed into place, then its ``.json`` record is
-written; the record of the file being replaced is deleted first. Auto-resume takes the
-checkpoint whose record has the highest step and that loads; a file without a record (killed
-while writing) or one that fails to load is skipped with a warning.
+written. A kill before the rename leaves the previous file and its record intact (the run
+resumes from them); a kill between the rename and the new record leaves a file whose step
+disagrees with its record, which is skipped. Auto-resume takes the checkpoint whose record has
+the highest step and that loads; a file without a valid record or one that fails to load is
+skipped with a warning. Temporaries of killed writers are removed when a run starts
+(:func:`remove_stale_temporaries`), never those of a live process.
 
 Every checkpoint holds ``model`` (VideoMAE layout) and ``arch`` (written by
 ``videofeat.models.checkpoint.save_checkpoint``, so ``videofeat extract`` reads it as is), plus
@@ -32,7 +35,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from videofeat.manifests import fsutil
+from videofeat.manifests import fsutil, temporaries
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +130,24 @@ def save_training_checkpoint(path: str, model, *, step: int, epoch: int, epoch_s
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     record = record_path(path)
-    if os.path.exists(record):
-        os.remove(record)  # the old record must not vouch for a half-written replacement
-    # save_checkpoint writes a temporary file and renames it into place.
+    # save_checkpoint writes a temporary file and renames it into place; the old record stays
+    # until then so that a kill mid-write still leaves a complete checkpoint to resume from.
     save_checkpoint(path, model, step=step, epoch=epoch, epoch_step=epoch_step, **extra)
     info = CheckpointInfo(path=path, step=step, epoch=epoch, epoch_step=epoch_step)
     _write_text(record, json.dumps({"file": os.path.basename(path), "step": step, "epoch": epoch,
                                            "epoch_step": epoch_step}))
     return info
+
+
+def _ours(base: str) -> bool:
+    return base.startswith("checkpoint-") or base in (PREEMPTED, COMPLETED, "config.json", "metrics.jsonl")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Drop the temporaries that killed writers left in a fine-tune output folder."""
+    import fsspec
+
+    return temporaries.remove_stale(fsspec.filesystem("file"), os.path.abspath(directory), _ours)
 
 
 def list_checkpoints(directory: str) -> list[CheckpointInfo]:

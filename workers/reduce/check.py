@@ -9,8 +9,10 @@ run's fingerprint. What it expects: every manifest row of the run's views. A vid
 - *expected absent* when its status is permanent (empty, unreadable, too short): listed, never
   an error;
 - *incomplete* otherwise: its shard is missing, failed or interrupted, the video failed
-  transiently, or the rows disagree with the counts. Incomplete input makes the reducer fail
-  unless ``--allow-partial``.
+  transiently (``unavailable`` included: the file could not be read at extract time), its file
+  changed after the manifest was written (``changed``: rebuild the manifest), or the rows
+  disagree with the counts. Incomplete input makes the reducer fail unless ``--allow-partial``,
+  which is how a video is left out on purpose (or a rebuilt manifest without it).
 
 Only the small ``window_index`` column is read here; features are read once, by the merge.
 """
@@ -30,7 +32,7 @@ from videofeat.manifests import fsutil
 from videofeat.manifests.manifest import read_manifest_rows
 from videofeat.manifests.ledger import DONE, INTERRUPTED, RunDir, ShardRecord
 from videofeat.manifests.run_record import RunRecord
-from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, TRANSIENT
+from videofeat.manifests.status import HAS_WINDOWS, PERMANENT, REBUILD_MANIFEST_HINT, STALE_MANIFEST, TRANSIENT
 from videofeat.manifests.views import canonical_view
 from videofeat.workers.shard_io import read_shard_metadata
 
@@ -98,6 +100,9 @@ class CheckReport:
         """The commands that recompute what is incomplete."""
         incomplete = self.by_verdict("incomplete")
         commands = []
+        if any(v.status in STALE_MANIFEST for v in incomplete):
+            commands.append(f"videofeat manifest ... -o NEW_MANIFEST.parquet   # {REBUILD_MANIFEST_HINT}")
+        incomplete = [v for v in incomplete if v.status not in STALE_MANIFEST]
         if any(v.status not in TRANSIENT or not _shard_done(self, v) for v in incomplete):
             commands.append(self.info.rerun_command(rerun_failed=False))
         if any(v.status in TRANSIENT and _shard_done(self, v) for v in incomplete):
@@ -190,10 +195,13 @@ def _wait_for_markers(run_dir: RunDir, records: dict[int, ShardRecord], budget_s
     """Give markers written on another node time to show up on a shared filesystem.
 
     Only shards that started an attempt and left neither a marker nor a failure record can be
-    in flight; shards never attempted, or that failed, are not waited for.
+    in flight; shards never attempted, or that failed, are not waited for. On a local disk a
+    marker is visible the moment it is written, so nothing is waited for there.
     """
     pending = [s for s, r in records.items() if r.state == INTERRUPTED and r.killed]
     if not pending or budget_s <= 0:
+        return records
+    if not fsutil.late_writes_plausible(run_dir.fs, run_dir.root):
         return records
     deadline = time.monotonic() + budget_s
     for shard_id in pending:
@@ -235,6 +243,11 @@ def _judge(report: CheckReport, video: VideoCheck, stats_index: dict, files: Sha
         errors = [e.get("error") for _, e in entries if e.get("status") in TRANSIENT]
         video.error = errors[0]
         video.reason = f"{transient[0]}: {video.error or 'no error text'} (transient: rerun with --rerun-failed)"
+        return
+    stale = [e for _, e in entries if e.get("status") in STALE_MANIFEST]
+    if stale:
+        video.status, video.error = stale[0]["status"], stale[0].get("error")
+        video.reason = f"{video.status}: {video.error or REBUILD_MANIFEST_HINT}"
         return
     permanent = [s for s in statuses if s in PERMANENT]
     # A piece past the real end of a video (shorter than probed) is too short on its own while

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from videofeat.manifests import fsutil
+from videofeat.manifests import fsutil, temporaries
 from videofeat.manifests.ledger import RunDir, utc_now
 from videofeat.workers.reduce.check import MAX_MARKER_WAIT_S, CheckReport, ShardFiles, VideoCheck, check_run
 from videofeat.workers.shard_io import METADATA_KEY
@@ -74,6 +74,9 @@ def reduce_run(config: ReduceConfig) -> dict:
     else:
         out_fs, out_root = run_dir.fs, run_dir.dataset_dir
     out_fs.makedirs(out_root, exist_ok=True)
+    # A reduce killed mid-write leaves a view-sized temporary; a later one clears those of
+    # writers that are gone (never a live reducer's).
+    temporaries.remove_stale(out_fs, out_root, lambda base: base.endswith(".parquet") or base == SUMMARY_NAME)
     files_written = {}
     with ShardFiles(run_dir) as files:
         for view in _views(report):

@@ -405,7 +405,8 @@ class Pipeline:
                     f"stage {stage.id} stopped before it was complete (exit status {code}); run the same command "
                     f"again to continue it (completed work is kept), or see `videofeat status {self.work.root}`")
             self.say(f"   {stage.id} done in {time.monotonic() - started:.1f} s")
-        self.say(f"pipeline complete in {time.monotonic() - began:.1f} s: {self.work.root}")
+        if only_ids is None:
+            self.say(f"pipeline complete in {time.monotonic() - began:.1f} s: {self.work.root}")
         return 0
 
     def execute(self, stage: Stage) -> int:

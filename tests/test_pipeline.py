@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import pytest  # noqa: F401 - fixtures
 
-from helpers_pipeline import (SETS, VAL_USER, VIEWS, assert_same_exports, copy_data, exported, make_data,
-                              write_job)
+from helpers_pipeline import SETS, VAL_USER, VIEWS, assert_same_exports, copy_data, exported, write_job
 from videofeat.launcher.cli import main
 from videofeat.launcher.demo import NUM_CLASSES, SET_OVERRIDES
 from videofeat.manifests.ledger import RunDir
@@ -27,12 +26,9 @@ from videofeat.manifests.ledger import RunDir
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = make_data(tmp_path_factory.mktemp("reference"))
-    job = write_job(root)
-    assert main(["pipeline", str(job), "-o", str(root / "work")]) == 0
-    return root
+@pytest.fixture
+def reference(pipeline_reference):
+    return pipeline_reference  # the session's uninterrupted run (tests/conftest.py)
 
 
 def test_end_to_end_equals_the_steps_typed_one_by_one(reference, tmp_path):

@@ -66,7 +66,7 @@ def _array_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune}")
+    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune,pipeline}")
     # allow_abbrev=False: a worker flag must never be taken for an abbreviation of a SLURM flag.
     extract = sub.add_parser("extract", allow_abbrev=False, help="submit an extraction array and its reducer",
                              usage="videofeat slurm extract MANIFEST -o RUN_DIR [videofeat extract flags] "
@@ -83,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerun.add_argument("--max-attempts", type=int, default=3, help="failures before a shard gives up (default 3)")
     _sbatch_flags(rerun)
     _array_flags(rerun)
+
+    pipeline = sub.add_parser("pipeline", allow_abbrev=False,
+                              help="submit a pipeline job file as SLURM jobs chained by afterok",
+                              usage="videofeat slurm pipeline JOB.toml -o WORK [SLURM flags]")
+    pipeline.add_argument("job", metavar="JOB.toml", help="the job file (videofeat pipeline --example)")
+    pipeline.add_argument("-o", "--output", required=True, metavar="WORK", help="work folder (shared filesystem)")
+    pipeline.add_argument("--gpus-per-node", type=int,
+                          help="GPUs of each fine-tuning job: one torchrun rank per GPU")
+    _sbatch_flags(pipeline)
 
     finetune = sub.add_parser("finetune", allow_abbrev=False,
                               help="submit fine-tuning (torchrun under srun, requeued on preemption)",
@@ -212,6 +221,13 @@ def run_rerun(args: argparse.Namespace) -> int:
 
     from videofeat.launcher.slurm import submit as slurm_submit
 
+    from videofeat.launcher.slurm import pipeline_dag
+
+    if pipeline_dag.is_pipeline_work(args.run_dir):
+        # A pipeline's WORK: resubmit every stage that is not complete, chained as before.
+        jobs = pipeline_dag.rerun_dag(os.path.abspath(args.run_dir), _options(args), dry_run=args.dry_run)
+        print(pipeline_dag.describe_submission(jobs, os.path.abspath(args.run_dir)))
+        return 0
     run_dir = RunDir(args.run_dir)
     submissions = slurm_info.read_submissions(run_dir)
     if not submissions:
@@ -329,14 +345,29 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pipeline(args: argparse.Namespace) -> int:
+    from videofeat.launcher.pipeline_job import load_job
+    from videofeat.launcher.slurm import pipeline_dag
+
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+    work = os.path.abspath(args.output)
+    jobs = pipeline_dag.submit_dag(load_job(args.job), work, _options(args), args.gpus_per_node,
+                                   dry_run=args.dry_run)
+    print("# dry run: nothing submitted" if args.dry_run else pipeline_dag.describe_submission(jobs, work))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from videofeat.launcher.slurm.submit import SlurmError
 
     init_logger()
-    handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}
-    if args.slurm_command == "rerun" and getattr(args, "worker_args", None):
-        print(f"videofeat slurm rerun: unrecognized arguments: {' '.join(args.worker_args)} (a rerun repeats the "
-              "worker flags of the run's last submission)", file=sys.stderr)
+    handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune, "pipeline": run_pipeline}
+    if args.slurm_command in ("rerun", "pipeline") and getattr(args, "worker_args", None):
+        why = ("a rerun repeats the worker flags of the run's last submission" if args.slurm_command == "rerun"
+               else "the job file says what each stage computes")
+        print(f"videofeat slurm {args.slurm_command}: unrecognized arguments: {' '.join(args.worker_args)} ({why})",
+              file=sys.stderr)
         return 2
     try:
         return handlers[args.slurm_command](args)

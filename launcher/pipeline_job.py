@@ -30,7 +30,6 @@ EXTRACT_KEYS = {"batch_size": int, "decode_procs": int, "device": str, "dtype": 
 EXTRACT_NOT_OUTPUT = {"batch_size", "decode_procs", "device"}
 MANIFEST_KEYS = {"shard_frames": int, "num_shards": int, "split_long_videos": bool, "min_frames": int,
                  "probe_procs": int}
-MANIFEST_NOT_OUTPUT = {"probe_procs"}
 EXPORT_FORMATS = ("actionformer", "npy", "multiview")
 
 
@@ -233,6 +232,14 @@ def _finetune_table(path: str, where: str, table: Any, flags: Mapping[str, Any])
             supplied = " (the pipeline sets it)" if dest in _FINETUNE_SUPPLIED else ""
             raise JobFileError(f"{path}: {where}.{key}: unknown fine-tuning key{supplied}; valid keys are the "
                                f"flags of `videofeat finetune --help`: {', '.join(sorted(flags))}")
+        kind = flags[dest]
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              bool: isinstance(value, bool)}.get(kind, isinstance(value, (str, int, float)) and not isinstance(value, bool))
+        if not ok:
+            name = kind.__name__ if kind in (int, float, bool) else "str"
+            raise JobFileError(f"{path}: {where}.{key}: must be {name} (as `videofeat finetune --{dest.replace('_', '-')}` "
+                               f"takes), got {value!r}")
         out[dest] = value
     return tuple(sorted(out.items()))
 

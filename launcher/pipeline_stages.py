@@ -36,8 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from videofeat.launcher.pipeline_job import (EXTRACT_NOT_OUTPUT, FINETUNE_NOT_OUTPUT, MANIFEST_NOT_OUTPUT, JobFile,
-                                             JobFileError, SetSpec)
+from videofeat.launcher.pipeline_job import EXTRACT_NOT_OUTPUT, FINETUNE_NOT_OUTPUT, JobFile, JobFileError, SetSpec
 from videofeat.manifests import fsutil
 from videofeat.manifests.fingerprint import compute_fingerprint, describe_difference
 

@@ -9,7 +9,6 @@ must submit only what is missing and finish with exports equal to an uninterrupt
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

@@ -57,7 +57,7 @@ def submit_dag(job: JobFile, work: str, options: Any, gpus_per_node: Optional[in
     """Submit every stage of ``job`` that is not complete; returns ``{stage id: job id(s)}``."""
     from videofeat.launcher.slurm import arrays as se
     from videofeat.launcher.slurm import submit as slurm_submit
-    from videofeat.launcher.slurm.command import FinetuneLaunch
+    from videofeat.launcher.slurm.finetune_launch import FinetuneLaunch
     from videofeat.manifests.ledger import RerunPolicy, RunDir
     from videofeat.manifests.set_root import write_set_root
 

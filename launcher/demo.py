@@ -37,7 +37,7 @@ class DemoConfig:
 
     output: str = "videofeat-demo"
     users: int = 3
-    sessions: int = 2
+    sessions: int = 1  # six fine-tunes and three sets keep the demo well under 2 minutes on 2 cores
     seconds: int = 10
     epochs: int = 2  # the demo shows the job, not accuracy: six short fine-tunes
     finetune: bool = True
@@ -57,7 +57,7 @@ class DemoConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="videofeat-demo", help="demo folder (default ./videofeat-demo)")
     parser.add_argument("--users", type=int, default=3, help="drivers (the last one is the validation split)")
-    parser.add_argument("--sessions", type=int, default=2, help="recordings per driver, each in three views")
+    parser.add_argument("--sessions", type=int, default=1, help="recordings per driver, each in three views")
     parser.add_argument("--seconds", type=int, default=10, help="length of each video")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of each tiny model")
     parser.add_argument("--small", action="store_true", help="2 users x 1 session x 6 s, 1 epoch (a quick check)")

@@ -242,6 +242,8 @@ def describe(result: dict) -> str:
     lines += [f"  {'features/<set>/':<34} {len(npz)} npz files per set (feats, a_prob, pred), annotations.json, "
               "config_snippet.yaml: MA-Actionformer's feat_folder per backbone",
               f"  {'features/multiview/<set>/':<34} rear and dashboard side by side per (session_id, window_index)",
+              *([f"  {'work/plots/<set>/<view>.png':<34} a validation video's class probabilities over its labels"]
+                if os.path.isdir(os.path.join(work, "plots")) else []),
               "  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items()),
               "", f"Continue or inspect (from {out}):",
               "  videofeat status work",

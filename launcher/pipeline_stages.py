@@ -142,9 +142,12 @@ def finetune_values(job: JobFile, fset: SetSpec) -> dict[str, Any]:
 
 
 def plot_available() -> bool:
+    """Whether ``videofeat plot`` is installed with its optional matplotlib: the plot stages exist only then."""
+    import importlib.util
+
     from videofeat.launcher.cli import _available_commands
 
-    return "plot" in _available_commands()
+    return "plot" in _available_commands() and importlib.util.find_spec("matplotlib") is not None
 
 
 def plan_stages(job: JobFile) -> list[Stage]:
@@ -487,7 +490,7 @@ class Pipeline:
         for view, video_id in validation_videos(self.work.labels, self.job.views).items():
             target = self.work.plot(stage.subject, view)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            code = self.command("plot", [self.work.run_dir(stage.subject), "--video", video_id,
+            code = self.command("plot", [self.work.run_dir(stage.subject), "--video", video_id, "--view", view,
                                          "--labels", self.work.labels, "-o", target])
             if code:
                 return code

@@ -171,6 +171,12 @@ def test_sigterm_inside_each_stage_then_the_same_command_finishes(reference, tmp
     starts = [e for e in events if e["event"] == "start"]
     if any(e["event"] == "preempted" for e in events):
         assert starts[-1]["resumed"] and starts[-1]["step"] > 0
+    # status names what is not complete and the command that continues the job.
+    status = subprocess.run([sys.executable, "-m", "videofeat.launcher.cli", "status", str(work)],
+                            capture_output=True, text=True, env=ENV, timeout=60).stdout
+    assert "finetune.tiny_vitl.rear" in status and "validation top-1" in status
+    assert re.search(r"stopped before it was complete|not started", status), status
+    assert f"continue with: videofeat pipeline {job} -o {work}" in status, status
     before = _evidence(work)
     last = subprocess.run([sys.executable, "-m", "videofeat.launcher.cli", "pipeline", str(job), "-o", str(work)],
                           capture_output=True, text=True, env=ENV, timeout=300)

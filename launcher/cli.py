@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "videofeat finetune --config finetune.toml"),
     "slurm": ("videofeat.launcher.slurm.command", "submit extraction arrays, reruns and fine-tuning to SLURM",
               "videofeat slurm extract manifest.parquet -o runs/vitl --preset aicity-vitl --time 04:00:00"),
+    "pipeline": ("videofeat.launcher.pipeline_cmd", "run a whole job file: manifest to exports, resumable",
+                 "videofeat pipeline job.toml -o work/   (videofeat pipeline --example > job.toml)"),
     "demo": ("videofeat.launcher.demo", "run the whole pipeline on a small generated dataset",
              "videofeat demo -o videofeat-demo"),
 }

@@ -8,13 +8,17 @@ import time
 
 from videofeat.manifests.discover import LAYOUTS, discover
 from videofeat.manifests.manifest import (DEFAULT_MIN_FRAMES, ManifestConfig, build_rows, read_crops,
-                                          summarize, write_manifest)
+                                          read_manifest, summarize, write_manifest)
 from videofeat.manifests.shards import DEFAULT_SHARD_FRAMES, ShardingConfig
 from videofeat.manifests.views import parse_views
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", help="folder or fsspec URL holding the videos (for --layout list: a CSV/Parquet list)")
+    parser.add_argument("root", nargs="?",
+                        help="folder or fsspec URL holding the videos (for --layout list: a CSV/Parquet list)")
+    parser.add_argument("--merge", nargs="+", metavar="MANIFEST",
+                        help="instead of probing ROOT: one manifest of these manifests' videos (a training set and "
+                             "its test sets), re-cut into shards by --num-shards / --shard-frames")
     parser.add_argument("-o", "--output", required=True, help="where to write the manifest (.parquet)")
     parser.add_argument("--layout", choices=LAYOUTS, default="aicity",
                         help="aicity: <root>/user_id_<id>/<View>_user_id_<id>_NoAudio_<n>.MP4; glob: --pattern/--regex; "
@@ -71,6 +75,18 @@ def print_summary(summary: dict, skipped: list, out=sys.stdout, unlisted: list =
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if (args.root is None) == (args.merge is None):
+        raise ValueError("give ROOT (videos to probe) or --merge MANIFEST... (manifests to join), not both or neither")
+    if args.merge:
+        from videofeat.manifests.merge import merge_manifests
+
+        sharding = ShardingConfig(args.num_shards, args.shard_frames, args.split_long_videos)
+        fingerprint = merge_manifests(args.merge, args.output, sharding)
+        rows = read_manifest(args.output).to_pylist()
+        print_summary(summarize(rows), [])
+        print(f"wrote {args.output} from {len(args.merge)} manifests (fingerprint {fingerprint}) "
+              f"in {time.monotonic() - started:.1f} s")
+        return 0
     views = parse_views(args.views)
     found = discover(args.root, args.layout, args.pattern, args.regex, views, args.skip_unlistable)
     for folder, why in found.unlisted:

@@ -58,6 +58,12 @@ def collect(run_dir: RunDir, max_attempts: int = 3) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from videofeat.launcher.slurm.pipeline_dag import is_pipeline_work
+
+    if is_pipeline_work(args.run_dir):
+        from videofeat.launcher.pipeline_status import show_work
+
+        return show_work(args.run_dir)
     root = RunDir(args.run_dir)
     members = set_dirs(root) if root.load_run() is None else []
     if not members:

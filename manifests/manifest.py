@@ -175,10 +175,15 @@ def build_rows(videos: Sequence[DiscoveredVideo], probes: Mapping[str, Mapping[s
                                     f"{row['width']}x{row['height']} frame ({video.uri}); fix the crop table")
         row.update(zip(CROP_FIELDS, box or (None,) * 4))
         base_rows.append(row)
+    return shard_rows(base_rows, config.sharding)
+
+
+def shard_rows(base_rows: Sequence[Mapping[str, Any]], sharding: ShardingConfig) -> list[dict]:
+    """Cut probed video rows (no shard columns yet) into shards; rows not ok keep no shard."""
     by_id = {row["video_id"]: row for row in base_rows}
     units = [whole_video_unit(r["video_id"], r["view"], int(r["num_frames"])) for r in base_rows if r["status"] == OK]
     rows: list[dict] = []
-    for shard_id, unit in assign_shards(units, config.sharding):
+    for shard_id, unit in assign_shards(units, sharding):
         rows.append({**by_id[unit.video_id], **_piece_columns(unit), "shard_id": shard_id})
     for row in base_rows:
         if row["status"] != OK:

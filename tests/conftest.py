@@ -68,3 +68,15 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: str | 
         raise AssertionError(f"videofeat {' '.join(args)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def pipeline_reference(tmp_path_factory) -> Path:
+    """One uninterrupted ``videofeat pipeline`` run of the generated job (tests/helpers_pipeline.py),
+    shared by the pipeline tests that must equal it (local, interrupted, on SLURM)."""
+    from helpers_pipeline import make_data, write_job
+    from videofeat.launcher.cli import main
+
+    root = make_data(tmp_path_factory.mktemp("pipeline-reference"))
+    assert main(["pipeline", str(write_job(root)), "-o", str(root / "work")]) == 0
+    return root

@@ -177,15 +177,17 @@ def worker_command(launch: ArrayLaunch) -> str:
 
 
 def render_array(launch: ArrayLaunch, run_dir: RunDir, plan_id: str, chunk: ArrayChunk, number: int,
-                 total: int) -> str:
+                 total: int, after: Sequence[str] = ()) -> str:
+    """One array's script; ``after``: jobs that must succeed first (a pipeline's fine-tunes)."""
     options = launch.options
     srun = f"--cpus-per-task={options.cpus_per_task} " if options.cpus_per_task else ""
+    waits = [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"] if after else []
     return slurm_submit.render("extract_array.sbatch", {
         "array_number": number + 1, "array_count": total, "plan_id": plan_id,
         "plan_path": run_dir.plan_path(plan_id), "index_offset": chunk.offset,
         "job_name": launch.job_name, "array": slurm_submit.array_spec(chunk.count, launch.throttle),
         "log_dir": launch.log_dir, "grace": launch.grace_s,
-        "directives": slurm_submit.directive_block([f"--chdir={launch.chdir}", *options.directives()]),
+        "directives": slurm_submit.directive_block([f"--chdir={launch.chdir}", *waits, *options.directives()]),
         "srun_options": srun, "launch": worker_command(launch), "max_requeues": launch.max_requeues,
         "python": quote(launch.python), "run_dir": quote(launch.run_dir)})
 
@@ -216,7 +218,7 @@ class Submitted:
 
 def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, dry_run: bool = False,
                 max_array: Optional[int] = None, previous: Optional[str] = None,
-                out=None) -> Optional[Submitted]:
+                out=None, after: Sequence[str] = ()) -> Optional[Submitted]:
     """Freeze ``tasks`` as a plan, submit its arrays and the reducer; ``dry_run`` prints the scripts."""
     out = out or sys.stdout
     run_dir = RunDir(launch.run_dir)
@@ -234,7 +236,7 @@ def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, 
         for number, chunk in enumerate(chunks):
             print(f"# ---- array {number + 1} of {len(chunks)} (plan indices {chunk.offset}.."
                   f"{chunk.offset + chunk.count - 1}) ----", file=out)
-            print(render_array(launch, run_dir, plan_id, chunk, number, len(chunks)), file=out)
+            print(render_array(launch, run_dir, plan_id, chunk, number, len(chunks), after), file=out)
         for name in launch.sets or (None,):
             print("# ---- reducer" + (f" of set {name}" if name else "") + " ----", file=out)
             print(render_reducer(launch, plan_id, [f"<array {i + 1} job id>" for i in range(len(chunks))], name),
@@ -250,7 +252,7 @@ def submit_plan(launch: ArrayLaunch, tasks: Sequence[Sequence[int]], kind: str, 
     array_ids = []
     try:
         for number, chunk in enumerate(chunks):
-            text = render_array(launch, run_dir, plan_id, chunk, number, len(chunks))
+            text = render_array(launch, run_dir, plan_id, chunk, number, len(chunks), after)
             name = f"array{number}"
             fsutil.write_bytes_atomic(run_dir.fs, slurm_info.script_path(run_dir, plan_id, name), text.encode())
             job_id = slurm_submit.submit(text)

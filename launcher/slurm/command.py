@@ -18,12 +18,10 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
-from videofeat.launcher.logs import init_logger
+from typing import Optional
 
-if TYPE_CHECKING:
-    from videofeat.launcher.slurm.submit import SbatchOptions
+from videofeat.launcher.logs import init_logger
+from videofeat.launcher.slurm.finetune_launch import FinetuneLaunch  # noqa: F401 - part of this module's API
 
 log = logging.getLogger("videofeat.slurm")
 
@@ -66,7 +64,7 @@ def _array_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune}")
+    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="{extract,rerun,finetune,pipeline}")
     # allow_abbrev=False: a worker flag must never be taken for an abbreviation of a SLURM flag.
     extract = sub.add_parser("extract", allow_abbrev=False, help="submit an extraction array and its reducer",
                              usage="videofeat slurm extract MANIFEST -o RUN_DIR [videofeat extract flags] "
@@ -83,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rerun.add_argument("--max-attempts", type=int, default=3, help="failures before a shard gives up (default 3)")
     _sbatch_flags(rerun)
     _array_flags(rerun)
+
+    pipeline = sub.add_parser("pipeline", allow_abbrev=False,
+                              help="submit a pipeline job file as SLURM jobs chained by afterok",
+                              usage="videofeat slurm pipeline JOB.toml -o WORK [SLURM flags]")
+    pipeline.add_argument("job", metavar="JOB.toml", help="the job file (videofeat pipeline --example)")
+    pipeline.add_argument("-o", "--output", required=True, metavar="WORK", help="work folder (shared filesystem)")
+    pipeline.add_argument("--gpus-per-node", type=int,
+                          help="GPUs of each fine-tuning job: one torchrun rank per GPU")
+    _sbatch_flags(pipeline)
 
     finetune = sub.add_parser("finetune", allow_abbrev=False,
                               help="submit fine-tuning (torchrun under srun, requeued on preemption)",
@@ -212,6 +219,13 @@ def run_rerun(args: argparse.Namespace) -> int:
 
     from videofeat.launcher.slurm import submit as slurm_submit
 
+    from videofeat.launcher.slurm import pipeline_dag
+
+    if pipeline_dag.is_pipeline_work(args.run_dir):
+        # A pipeline's WORK: resubmit every stage that is not complete, chained as before.
+        jobs = pipeline_dag.rerun_dag(os.path.abspath(args.run_dir), _options(args), dry_run=args.dry_run)
+        print(pipeline_dag.describe_submission(jobs, os.path.abspath(args.run_dir)))
+        return 0
     run_dir = RunDir(args.run_dir)
     submissions = slurm_info.read_submissions(run_dir)
     if not submissions:
@@ -258,54 +272,6 @@ def _refuse_if_busy(run_dir, submissions=None) -> list[str]:
     return stale
 
 
-@dataclass(frozen=True)
-class FinetuneLaunch:
-    """One fine-tuning job: ``nodes x tasks_per_node`` torchrun agents of ``procs_per_task`` ranks."""
-
-    output: str
-    finetune_args: tuple[str, ...]
-    options: "SbatchOptions"
-    nodes: int = 1
-    tasks_per_node: int = 1
-    procs_per_task: int = 1
-    shutdown_timeout: int = 60
-    grace_s: int = 120
-    max_requeues: int = 3
-    log_dir: Optional[str] = None
-    job_name: Optional[str] = None
-    python: str = field(default_factory=lambda: sys.executable)
-    chdir: str = field(default_factory=os.getcwd)
-
-    def __post_init__(self) -> None:
-        if not self.output:
-            raise ValueError("--output is required: checkpoints and the PREEMPTED marker go there")
-        for name in ("nodes", "tasks_per_node", "procs_per_task", "shutdown_timeout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_requeues < 0:
-            raise ValueError(f"--max-requeues must be >= 0, got {self.max_requeues}")
-        if self.grace_s <= self.shutdown_timeout:
-            log.warning("--grace %d s is not longer than --shutdown-timeout %d s: a checkpoint at the time limit "
-                        "may be cut off", self.grace_s, self.shutdown_timeout)
-        if self.log_dir is None:
-            object.__setattr__(self, "log_dir", os.path.join(self.output, "slurm"))
-        if self.job_name is None:
-            object.__setattr__(self, "job_name", f"vf-ft-{os.path.basename(self.output.rstrip('/'))}")
-
-    def render(self) -> str:
-        from videofeat.launcher.slurm.submit import directive_block, quote, render
-
-        options = self.options
-        return render("finetune.sbatch", {
-            "nodes": self.nodes, "tasks_per_node": self.tasks_per_node, "procs_per_task": self.procs_per_task,
-            "output": quote(self.output), "job_name": self.job_name, "log_dir": self.log_dir, "grace": self.grace_s,
-            "directives": directive_block([f"--chdir={self.chdir}", *options.directives()]),
-            "srun_options": f"--cpus-per-task={options.cpus_per_task} " if options.cpus_per_task else "",
-            "torchrun": f"{quote(self.python)} -m torch.distributed.run",
-            "shutdown_timeout": self.shutdown_timeout, "max_requeues": self.max_requeues,
-            "finetune_args": " ".join(quote(a) for a in self.finetune_args)})
-
-
 def run_finetune(args: argparse.Namespace) -> int:
     from videofeat.launcher.slurm import submit as slurm_submit
 
@@ -329,14 +295,29 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pipeline(args: argparse.Namespace) -> int:
+    from videofeat.launcher.pipeline_job import load_job
+    from videofeat.launcher.slurm import pipeline_dag
+
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+    work = os.path.abspath(args.output)
+    jobs = pipeline_dag.submit_dag(load_job(args.job), work, _options(args), args.gpus_per_node,
+                                   dry_run=args.dry_run)
+    print("# dry run: nothing submitted" if args.dry_run else pipeline_dag.describe_submission(jobs, work))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from videofeat.launcher.slurm.submit import SlurmError
 
     init_logger()
-    handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune}
-    if args.slurm_command == "rerun" and getattr(args, "worker_args", None):
-        print(f"videofeat slurm rerun: unrecognized arguments: {' '.join(args.worker_args)} (a rerun repeats the "
-              "worker flags of the run's last submission)", file=sys.stderr)
+    handlers = {"extract": run_extract, "rerun": run_rerun, "finetune": run_finetune, "pipeline": run_pipeline}
+    if args.slurm_command in ("rerun", "pipeline") and getattr(args, "worker_args", None):
+        why = ("a rerun repeats the worker flags of the run's last submission" if args.slurm_command == "rerun"
+               else "the job file says what each stage computes")
+        print(f"videofeat slurm {args.slurm_command}: unrecognized arguments: {' '.join(args.worker_args)} ({why})",
+              file=sys.stderr)
         return 2
     try:
         return handlers[args.slurm_command](args)

@@ -49,7 +49,7 @@ def single_config(world: dict, name: str, output: str, **overrides) -> ExtractCo
 
 def multi_config(world: dict, root: str, **overrides):
     base = dict(manifest=world["manifest"], output=root, **COMMON, **overrides)
-    return build_feature_sets(world["sets"], root, base)
+    return build_feature_sets(world["sets"], root, base, ExtractConfig)
 
 
 def read_rows(run_dir: str) -> tuple[list, np.ndarray, np.ndarray]:
@@ -292,7 +292,7 @@ def test_bad_sets_files_are_refused_before_any_work(world, tmp_path):
     text = Path(world["sets"]).read_text().replace(world["ckpts"][2], str(broken))
     (tmp_path / "broken.toml").write_text(text)
     sets = build_feature_sets(str(tmp_path / "broken.toml"), str(tmp_path / "o3"),
-                              dict(manifest=world["manifest"], output=str(tmp_path / "o3"), **COMMON))
+                              dict(manifest=world["manifest"], output=str(tmp_path / "o3"), **COMMON), ExtractConfig)
     with pytest.raises(ValueError, match=r"broken.toml: set 'c': "):
         run_extraction(sets)
     assert not list((tmp_path / "o3").glob("*/shards/*"))

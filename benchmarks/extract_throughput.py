@@ -62,8 +62,8 @@ def make_video(path: Path, seconds: int) -> str:
     return str(path)
 
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """RSS of ``root_pid`` and all its descendants, from /proc."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's children, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -73,6 +73,12 @@ def tree_rss_bytes(root_pid: int) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
+    return children
+
+
+def tree_rss_bytes(root_pid: int) -> int:
+    """RSS of ``root_pid`` and all its descendants, from /proc."""
+    children = children_by_parent()
     total, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from extract_throughput import bench_checkpoint  # noqa: E402
+from extract_throughput import bench_checkpoint, children_by_parent  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 PRESETS = ("aicity-vitl", "aicity-vith")
@@ -72,19 +72,6 @@ def make_video(path: Path, seconds: int) -> str:
 
 
 # ----- memory of a process tree ------------------------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-                out.setdefault(ppid, []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
 def _role(pid: int, root: int, parent_role: str) -> str:
     if pid == root:
         return "parent"
@@ -131,7 +118,7 @@ def tree_memory(root: int, cpu: dict | None = None) -> dict[str, dict[str, int]]
 
     Anonymous counts pages a fork still shares with its server; Pss splits them among sharers.
     """
-    children, stack, out = _children(), [(root, "")], {}
+    children, stack, out = children_by_parent(), [(root, "")], {}
     while stack:
         pid, parent_role = stack.pop()
         name = _role(pid, root, parent_role)

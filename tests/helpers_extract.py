@@ -6,11 +6,16 @@ the real extraction worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from videofeat.manifests.manifest import SCHEMA, write_manifest
 from videofeat.workers.decode.synthetic import write_action_video, write_index_video
@@ -110,3 +115,41 @@ def sets_toml(ckpts: Sequence[str], sampling: Optional[dict] = None) -> str:
             f'[[set]]\nname = "b"\npreset = "aicity-vitl"\n'
             f'checkpoint = {{ rear = "{ckpts[1]}", dashboard = "{ckpts[1]}" }}\n{lines}'
             f'[[set]]\nname = "c"\npreset = "aicity-vitl"\nmodel = "auto"\ncheckpoint = "{ckpts[2]}"\n{lines}')
+
+
+@contextlib.contextmanager
+def hanging_video(manifest: str, victim: str, tmp: Path) -> Iterator[str]:
+    """Replace ``victim`` with a FIFO nobody writes, so the rank that decodes it hangs inside its
+    shard; yields a manifest that records no size or mtime for it (as for a store that reports
+    none), since the pre-decode check would otherwise rightly call the FIFO ``changed``."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(manifest).to_pylist()
+    for row in rows:
+        if row["uri"] == victim:
+            row["size_bytes"] = row["mtime_ns"] = None
+    copy = str(tmp / "manifest-hanging.parquet")
+    write_manifest(rows, copy)
+    saved = str(tmp / "saved-victim.mp4")
+    shutil.move(victim, saved)
+    os.mkfifo(victim)
+    try:
+        yield copy
+    finally:
+        os.remove(victim)
+        shutil.move(saved, victim)
+
+
+def kill_rank_inside_shard(proc: subprocess.Popen, log: Path, ready: Callable[[], bool], timeout: float = 150) -> None:
+    """Wait until the shard's attempt log exists and ``ready()``, then SIGKILL the rank it names."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not (log.exists() and ready()):
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "the launch ended early"
+            time.sleep(0.2)
+        pid = int(re.search(r"pid=(\d+)", log.read_text()).group(1))
+        os.kill(pid, signal.SIGKILL)  # the rank dies in the middle of the shard
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers_extract import TINY_ARGS, make_dataset, run_extract, tiny_checkpoint
+from helpers_extract import TINY_ARGS, hanging_video, kill_rank_inside_shard, make_dataset, run_extract, tiny_checkpoint
 from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.extract.loop import ExtractConfig, run_extraction
@@ -65,39 +62,16 @@ def test_two_torchrun_ranks_equal_one_rank(reference):
 def test_rank_killed_mid_shard_then_plain_rerun(reference, tmp_path):
     root, manifest, ckpt, (ref_keys, ref_feats) = reference
     out = str(tmp_path / "killed")
-    # Shard 2's first video becomes a FIFO that nobody writes: its rank stays inside shard 2. The
-    # manifest must not know the file's size and mtime (as for a store that reports none), or the
-    # pre-decode check would rightly call the FIFO `changed` instead of hanging on it.
+    # Shard 2's first video becomes a FIFO that nobody writes: its rank stays inside shard 2.
     victim = str(root / "Rear_view_user_id_2_NoAudio_1.mp4")
-    rows = pq.read_table(manifest).to_pylist()
-    for row in rows:
-        if row["uri"] == victim:
-            row["size_bytes"] = row["mtime_ns"] = None
-    manifest = str(tmp_path / "manifest.parquet")
-    write_manifest(rows, manifest)
-    saved = str(tmp_path / "saved.mp4")
-    shutil.move(victim, saved)
-    os.mkfifo(victim)
     script = str(Path(__file__).resolve().parents[1] / "launcher" / "extract.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, manifest,
-           "-o", out, *TINY_ARGS, *LIGHT, "--decode-stall-s", "600", "--checkpoint", ckpt]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     run = RunDir(out)
-    try:
-        deadline = time.monotonic() + 150
-        log = Path(run.log_path(2, 1))
-        while time.monotonic() < deadline and not (log.exists() and set(run.done_shards()) == {0, 1, 3}):
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        pid = int(re.search(r"pid=(\d+)", log.read_text()).group(1))
-        os.kill(pid, signal.SIGKILL)  # the rank dies in the middle of shard 2
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.remove(victim)
-        shutil.move(saved, victim)
+    with hanging_video(manifest, victim, tmp_path) as manifest:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, manifest,
+               "-o", out, *TINY_ARGS, *LIGHT, "--decode-stall-s", "600", "--checkpoint", ckpt]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        kill_rank_inside_shard(proc, Path(run.log_path(2, 1)), lambda: set(run.done_shards()) == {0, 1, 3})
     assert proc.returncode != 0
     (record,) = run.records([2])
     assert record.state in (MISSING, INTERRUPTED) and not run.is_done(2)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from helpers_extract import TINY_SAMPLING, make_dataset, manifest_row, sets_toml, tiny_checkpoint
+from helpers_extract import (TINY_SAMPLING, hanging_video, kill_rank_inside_shard, make_dataset, manifest_row, sets_toml,
+                             tiny_checkpoint)
 from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.decode.synthetic import write_action_video
@@ -210,40 +210,17 @@ def test_mixing_single_set_and_multi_set_runs(world, tmp_path):
 def test_rank_killed_mid_shard_of_a_three_set_torchrun_then_plain_rerun(world, tmp_path):
     root, manifest = world["root"], world["manifest"]
     out = str(tmp_path / "killed")
-    # Shard 2's first video becomes a FIFO nobody writes: its rank stays inside shard 2. The
-    # manifest must not know the file's size and mtime, or the pre-decode check would call the
-    # FIFO `changed` instead of hanging on it.
+    # Shard 2's first video becomes a FIFO nobody writes: its rank stays inside shard 2.
     victim = str(root / "Dashboard_user_id_1_NoAudio_1.mp4")
-    rows = pq.read_table(manifest).to_pylist()
-    for row in rows:
-        if row["uri"] == victim:
-            row["size_bytes"] = row["mtime_ns"] = None
-    manifest = str(tmp_path / "manifest.parquet")
-    write_manifest(rows, manifest)
-    saved = str(tmp_path / "saved.mp4")
-    shutil.move(victim, saved)
-    os.mkfifo(victim)
     script = str(Path(__file__).resolve().parents[1] / "launcher" / "extract.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, manifest,
-           "-o", out, "--sets", world["sets"], *CLI_COMMON, "--decode-stall-s", "600"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     runs = {name: RunDir(os.path.join(out, name)) for name in SETS}
-    try:
-        deadline = time.monotonic() + 150
-        log = Path(runs["a"].log_path(2, 1))
-        while time.monotonic() < deadline and not (
-                log.exists() and all(set(r.done_shards()) == {0, 1, 3} for r in runs.values())):
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        pid = int(re.search(r"pid=(\d+)", log.read_text()).group(1))
-        os.kill(pid, signal.SIGKILL)  # the rank dies in the middle of shard 2, for all three sets
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.remove(victim)
-        shutil.move(saved, victim)
+    with hanging_video(manifest, victim, tmp_path) as manifest:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, manifest,
+               "-o", out, "--sets", world["sets"], *CLI_COMMON, "--decode-stall-s", "600"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        kill_rank_inside_shard(proc, Path(runs["a"].log_path(2, 1)),
+                               lambda: all(set(r.done_shards()) == {0, 1, 3} for r in runs.values()))
     assert proc.returncode != 0
     for run in runs.values():
         (record,) = run.records([2])

@@ -248,7 +248,7 @@ def _normalise(preset):
 
 def _preset(resolve, name: str, method: str):
     """The preset with ``--resize method`` applied, however this checkout spells that."""
-    from videofeat.workers.extract.loop import ExtractConfig
+    from videofeat.workers.extract.config import ExtractConfig
 
     config = ExtractConfig(manifest="m", output="o", preset=name, model="videomae_test", resize=method)
     return config.resolved_preset()

@@ -72,7 +72,7 @@ def build_config(args: argparse.Namespace):
     """The run's ExtractConfig, or with ``--sets`` the FeatureSets of every set."""
     from videofeat.manifests.views import parse_views
     from videofeat.workers.decode.pool import default_decode_procs
-    from videofeat.workers.extract.loop import ExtractConfig
+    from videofeat.workers.extract.config import ExtractConfig
     from videofeat.workers.extract.setup import parse_checkpoints
 
     kwargs = dict(

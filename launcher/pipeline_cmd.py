@@ -6,7 +6,7 @@ reduce per set, the exports, a timeline plot per (set, view) where ``videofeat p
 installed). The same command again does only what is missing; ``--redo STAGE`` recomputes a
 stage and everything that depends on it. ``videofeat pipeline --example`` prints a commented job
 file for the AI City 2023 track-3 job (three backbones x two views). See
-``launcher/pipeline_stages.py`` for the stages and the WORK layout.
+``launcher/pipeline_stages.py`` for the stages, ``launcher/pipeline_plan.py`` for the WORK layout.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import os
 import shlex
 from typing import Optional
 
-from videofeat.launcher.pipeline_stages import Pipeline, Stage
+from videofeat.launcher.pipeline_plan import Stage
+from videofeat.launcher.pipeline_stages import Pipeline
 
 LOG_LINES = 3
 

@@ -17,7 +17,8 @@ from helpers_extract import make_dataset, manifest_row, tiny_checkpoint
 from videofeat.manifests.ledger import FingerprintMismatch, RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.distributed import Distributed
-from videofeat.workers.extract.loop import ExtractConfig, Extractor, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import Extractor, run_extraction
 from videofeat.workers.shard_io import read_shard_metadata
 from videofeat.workers.decode.synthetic import write_action_video
 

@@ -15,7 +15,8 @@ import pytest
 from helpers_extract import TINY_ARGS, hanging_video, kill_rank_inside_shard, make_dataset, run_extract, tiny_checkpoint
 from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 
 pytestmark = pytest.mark.slow
 LIGHT = ("--decode-procs", "1")  # 2 ranks x 1 decode process on the 2-core CI machine

@@ -22,7 +22,8 @@ from helpers_extract import manifest_row, tiny_checkpoint
 from videofeat.manifests.ledger import RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.models import create_model
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 from videofeat.workers.decode.synthetic import write_action_video
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

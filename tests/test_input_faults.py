@@ -39,7 +39,8 @@ from videofeat.manifests.views import canonical_view, parse_views
 from videofeat.workers.decode.decoders import VideoOpenError, open_video
 from videofeat.workers.decode.synthetic import index_frame, read_index, write_action_video, write_video
 from videofeat.workers.extract import preflight
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 from videofeat.workers.reduce.export import ExportConfig, export_run
 from videofeat.workers.reduce.merge import IncompleteRun, ReduceConfig, reduce_run
 

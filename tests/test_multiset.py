@@ -28,7 +28,8 @@ from videofeat.manifests.ledger import INTERRUPTED, MISSING, RunDir
 from videofeat.manifests.manifest import write_manifest
 from videofeat.workers.decode.synthetic import write_action_video
 from videofeat.workers.extract.feature_sets import build_feature_sets, parse_feature_sets
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 
 SETS = ("a", "b", "c")
 SHARDS = (0, 1, 2, 3)

@@ -20,7 +20,8 @@ from videofeat.workers.decode.device_resize import DeviceResize
 from videofeat.workers.decode.pool import DecodeJob, DecodePool, PoolConfig, frame_spec
 from videofeat.workers.decode.resize import BOUNDS, FrameResize, FullFrame
 from videofeat.workers.decode.synthetic import write_action_video
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 from videofeat.workers.extract.presets import resolve_preset
 
 

@@ -23,7 +23,8 @@ from slurm_helpers import active, cancel_all, job_ids, require_cluster, wait_for
 from videofeat.launcher.slurm import records as slurm_info
 from videofeat.manifests.ledger import DONE, FAILED, RunDir
 from videofeat.manifests.manifest import write_manifest
-from videofeat.workers.extract.loop import ExtractConfig, run_extraction
+from videofeat.workers.extract.config import ExtractConfig
+from videofeat.workers.extract.loop import run_extraction
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -23,8 +23,8 @@ import time
 from typing import Any, Callable, Optional
 
 from videofeat.launcher.pipeline_job import JobFile
-from videofeat.launcher.pipeline_stages import (JOB_RECORD, Pipeline, extract_argv, finetune_argv,
-                                                write_sets_file)
+from videofeat.launcher.pipeline_plan import JOB_RECORD, extract_argv, finetune_argv, write_sets_file
+from videofeat.launcher.pipeline_stages import Pipeline
 from videofeat.manifests import fsutil
 
 DAG_RECORD = "pipeline.json"

@@ -24,150 +24,26 @@ from typing import Any, Optional, Sequence
 
 from videofeat.manifests import fsutil
 from videofeat.manifests.fingerprint import compute_fingerprint
-from videofeat.manifests.ledger import (FingerprintMismatch, RerunPolicy, RunDir, process_identity, shard_name,
-                                        utc_now)
+from videofeat.manifests.ledger import FingerprintMismatch, RunDir, process_identity, shard_name, utc_now
 from videofeat.manifests.manifest import ManifestRow
 from videofeat.manifests.set_root import write_set_root
 
 from videofeat.workers.decode.pool import DecodePool, PoolConfig, frame_spec
 from videofeat.workers.decode.resize import FullFrame
 from videofeat.workers.distributed import Distributed
+from videofeat.workers.extract.config import ExtractConfig
 from videofeat.workers.extract.feature_sets import FeatureSets
+from videofeat.workers.extract.shard_log import ShardLog
 from videofeat.workers.signals import StopSignals
-from videofeat.workers.extract.presets import resolve_preset
 from videofeat.workers.extract.setup import ModelSet, Progress, build_run_record, load_manifest_rows
 from videofeat.workers.shard_io import ShardWriter, shard_schema
 from videofeat.workers.extract.pipeline import Interrupted, ShardOutput, ShardPipeline
 
 log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 143
-RESIZE_ON = ("auto", "decode", "device")
 # Ring slots per decode process for full-size frames (--resize-on device): the parent resizes
 # each frame as it arrives, so a few slots keep the decoder busy; 16 at 1080p is 100 MB.
 FULL_FRAME_RING = 16
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything ``videofeat extract`` needs; validated here so errors name the flag."""
-
-    manifest: str
-    output: str
-    preset: str = "aicity-vitl"
-    model: str = "auto"
-    checkpoints: tuple[tuple[str, str], ...] = ()
-    views: Optional[tuple[str, ...]] = None
-    span: Optional[int] = None
-    hop: Optional[int] = None
-    num_frames: Optional[int] = None
-    frame_step: Optional[int] = None
-    size: Optional[int] = None
-    resize: str = "bounded"
-    resize_on: str = "auto"
-    decoder: str = "pyav"
-    decode_procs: int = 2
-    decode_threads: int = 1
-    decode_stall_s: float = 120.0
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    feature_dtype: str = "float32"
-    max_attempts: int = 3
-    rerun_failed: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        from videofeat.workers.decode.decoders import BACKENDS
-
-        from videofeat.workers.decode.resize import KERNELS
-
-        if self.resize not in KERNELS:
-            raise ValueError(f"--resize must be one of {', '.join(KERNELS)}, got {self.resize!r}")
-        if self.resize_on not in RESIZE_ON:
-            raise ValueError(f"--resize-on must be one of {', '.join(RESIZE_ON)}, got {self.resize_on!r}")
-        if self.decoder not in BACKENDS:
-            raise ValueError(f"--decoder must be one of {', '.join(BACKENDS)}, got {self.decoder!r}")
-        if self.feature_dtype not in ("float32", "float16"):
-            raise ValueError(f"--feature-dtype must be float32 or float16, got {self.feature_dtype!r}")
-        if self.model == "auto" and not self.checkpoints:
-            raise ValueError("--model auto reads the architecture from a checkpoint: pass --checkpoint "
-                             "(VIEW=PATH or PATH), or name a model such as videomae_vit_large_patch16_224")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
-        PoolConfig(self.decode_procs, self.decode_stall_s, self.decoder, self.decode_threads)
-        resize = self.resolved_preset().frame_resize
-        if self.resize_on == "device":
-            if resize.fast:
-                raise ValueError("--resize fast scales inside the decoder: it cannot run with --resize-on device")
-            if resize.kernel == "exact" and resize.method != "interpolate_bilinear":
-                raise ValueError("--resize exact is PIL's own arithmetic, which runs in the decode process: use "
-                                 "--resize-on decode, or --resize bounded (within 1/255 of PIL) on the device")
-
-    def resolved_preset(self):
-        return resolve_preset(self.preset, span=self.span, hop=self.hop, num_frames=self.num_frames,
-                              step=self.frame_step, size=self.size, kernel=self.resize)
-
-    def resize_on_device(self, device_type: str) -> bool:
-        """Where the resize runs: ``auto`` is the device on CUDA, when the kernel can run there."""
-        if self.resize_on != "auto":
-            return self.resize_on == "device"
-        resize = self.resolved_preset().frame_resize
-        exact_pil = resize.kernel == "exact" and resize.method != "interpolate_bilinear"
-        return device_type == "cuda" and not resize.fast and not exact_pil
-
-    @property
-    def policy(self) -> RerunPolicy:
-        return RerunPolicy(self.rerun_failed, self.overwrite, self.max_attempts)
-
-
-class _ShardLog:
-    """Mirror the log into ``RUN_DIR/logs/<shard>.<attempt>.log`` while a shard runs."""
-
-    def __init__(self, run: RunDir, shard_id: int, attempt: int, rank: int):
-        self.run, self.path = run, run.log_path(shard_id, attempt)
-        self.local = fsutil.is_local(run.fs)
-        run.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        if self.local:
-            self.handler: logging.Handler = _FileLog(self.path)
-        else:
-            import io
-
-            self._buffer = io.StringIO()
-            self.handler = logging.StreamHandler(self._buffer)
-            run.fs.pipe_file(self.path, b"")  # the attempt is visible at once
-        # The console's format (launcher/logs.py), so a shard log reads like the rank's output.
-        console = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
-        self.handler.setFormatter(console or logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(self.handler)
-
-    def close(self) -> None:
-        logging.getLogger().removeHandler(self.handler)
-        self.handler.close()
-        if not self.local:
-            self.run.fs.pipe_file(self.path, self._buffer.getvalue().encode())
-
-
-class _FileLog(logging.FileHandler):
-    """A shard's log file that, on a full disk, says so once on stderr instead of once per line."""
-
-    failed = False
-
-    def handleError(self, record: Optional[logging.LogRecord]) -> None:
-        if not self.failed:
-            self.failed = True
-            import sys
-
-            print(f"videofeat: cannot write the shard log {self.baseFilename}: {sys.exc_info()[1]}",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        try:
-            super().close()
-        except OSError:  # the last buffered lines did not fit either
-            self.handleError(None)
 
 
 @dataclass
@@ -414,7 +290,7 @@ class Extractor:
         members = [m for m, _ in claimed]
         claims = dict((id(m), c) for m, c in claimed)
         attempts = [m.run.next_attempt(shard_id) for m in members]
-        shard_logs = [_ShardLog(m.run, shard_id, a, info.rank) for m, a in zip(members, attempts)]
+        shard_logs = [ShardLog(m.run, shard_id, a, info.rank) for m, a in zip(members, attempts)]
         identity = process_identity(info.rank, info.world_size)
         started, t0 = utc_now(), time.monotonic()
         log.info("shard %s attempt %s: host=%s pid=%d rank=%d%s", shard_name(shard_id),

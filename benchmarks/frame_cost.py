@@ -7,9 +7,9 @@ On one generated 1080p30 H.264 video (~14 Mbit/s: a panning texture plus a littl
 dashboard camera's bitrate), in one run:
 
 - the floor: PyAV decoding to RGB on one thread, frames/s;
-- ms per frame of each stage of the decode process (decode, to RGB, each preset's resize
-  kernel, the ring-slot copy) and of the parent (window copy, window stack, batch stack,
-  normalisation), measured in this process on one thread;
+- ms per frame of each stage of the decode process (decode, to RGB and to RGBA, each preset's
+  resize kernel writing into a ring slot) and of the parent (window copy, window stack, batch
+  stack, normalisation), measured in this process on one thread;
 - what importing torch costs a fresh process (start-up, RSS, private memory): the price of
   running torch's resize kernel inside a decode process;
 - ``videofeat extract`` of each seed preset and each ``--resize`` kernel given (side by side,
@@ -191,8 +191,6 @@ def stage_costs(video: str, frames: int, kernels: list[str]) -> dict[str, float]
     """ms per frame of each hop, on the first ``frames`` frames of ``video``, one thread."""
     import av
     import torch
-    from PIL import Image
-
     from videofeat.workers.decode.pool import frame_spec
     from videofeat.workers.extract.presets import resolve_preset
 
@@ -208,19 +206,19 @@ def stage_costs(video: str, frames: int, kernels: list[str]) -> dict[str, float]
             if len(decoded) == frames:
                 break
         out["decode (PyAV, frame object)"] = (time.perf_counter() - start) / len(decoded) * 1000
-    out["decoder frame -> RGB ndarray"] = _ms(lambda f: f.to_ndarray(format="rgb24"), decoded)
-    rgb = [f.to_ndarray(format="rgb24") for f in decoded[:60]]
+    out["decoder frame -> RGB ndarray (rgb24, the floor's)"] = _ms(lambda f: f.to_ndarray(format="rgb24"), decoded)
+    out["decoder frame -> RGBA ndarray (rgba, the decode processes')"] = _ms(lambda f: f.to_ndarray(format="rgba"),
+                                                                             decoded)
+    rgba = [f.to_ndarray(format="rgba") for f in decoded[:60]]
     del decoded
-    out["Image.fromarray (inside PIL resize)"] = _ms(Image.fromarray, rgb)
     for name in PRESETS:
         for method in dict.fromkeys(("exact", *kernels)):
             preset = _preset(resolve_preset, name, method)
             transform = preset.frame_resize
-            out[f"{name} resize --resize {method}"] = _ms(transform, rgb)
-        shape, dtype = frame_spec(transform)
-        resized = [transform(f) for f in rgb]
-        ring = np.empty((48, *shape), dtype=dtype)
-        out[f"{name} -> ring slot"] = _ms(lambda f: ring.__setitem__(3, f), resized)
+            shape, dtype = frame_spec(transform)
+            ring = np.empty((48, *shape), dtype=dtype)
+            # What a decode process does: resize the RGBA frame straight into its ring slot.
+            out[f"{name} resize --resize {method} (into the ring slot)"] = _ms(lambda f: transform(f, ring[3]), rgba)
         out[f"{name} ring slot -> window copy"] = _ms(lambda f: np.array(f, copy=True), [ring[3]] * 30)
         s = preset.sampling
         window = [ring[i % 48] for i in range(s.num_frames)]

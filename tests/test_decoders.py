@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
+from videofeat.workers.decode.decoders import RGBA_WIDTH_MULTIPLE, VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.synthetic import index_frame, read_index, write_index_video, write_video
 
 
@@ -32,6 +32,26 @@ def test_backends_give_identical_full_size_frames(index_video):
     with open_video(index_video, "pyav") as a, open_video(index_video, "decord") as b:
         for (ia, fa, _), (ib, fb, _) in zip(a.stream(10, 50), b.stream(10, 50)):
             assert ia == ib and fa.dtype == np.uint8 and np.array_equal(fa, fb)
+
+
+@pytest.mark.parametrize("width,height", [(64, 64), (100, 100), (200, 122), (854, 480), (1280, 720)])
+def test_rgba_frames_carry_the_rgb24_bytes(tmp_path, width, height):
+    # The decode processes ask PyAV for RGBA (faster to convert to). At widths whose RGBA rows
+    # are not whole 64-byte lines FFmpeg gave wrong rows at random, so those must come as RGB.
+    rng = np.random.default_rng(width)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    path = write_video(str(tmp_path / f"v{width}.mp4"), frames, gop=2)
+    channels = 4 if width % RGBA_WIDTH_MULTIPLE == 0 else 3
+    for crop in (None, (3, 5, width - 9, height - 7)):
+        with open_video(path, crop=crop) as source:
+            expected = [rgb for _, rgb, _ in source.stream()]
+        for _ in range(3):  # the failures were intermittent: decode it again
+            with open_video(path, crop=crop) as source:
+                got = [rgba for _, rgba, _ in source.stream(rgba=True)]
+            assert len(got) == 2 and all(f.shape == e.shape[:2] + (channels,) for f, e in zip(got, expected))
+            assert all(np.array_equal(f[..., :3], e) and (f[..., 3:] == 255).all() for f, e in zip(got, expected))
+    with open_video(path, "decord") as source:  # decord has 3 channels only
+        assert next(iter(source.stream(rgba=True)))[1].shape == (height, width, 3)
 
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])

@@ -6,6 +6,14 @@ order, exact to the frame: it seeks to the keyframe at or before ``start``, deco
 drops the frames before ``start``. ``rgb`` is ``uint8 HxWx3`` after the crop and the optional
 ``transform`` (which may return a resized or float array).
 
+``stream(..., rgba=True)`` asks for ``HxWx4`` frames instead (RGB and an opaque alpha, the same
+RGB bytes): FFmpeg's converter writes 4-byte pixels faster than 3-byte ones (1.2 against 1.8 ms
+a 1080p frame here, measured by ``benchmarks/frame_cost.py``), and a 4-byte pixel is gathered
+as one ``uint32``. It is a request, not a promise: decord's frames stay ``HxWx3``, and so do
+PyAV's where the width is no multiple of 16 (a 64-byte RGBA row), because there FFmpeg's RGBA
+rows came back wrong at random (widths 100, 200, 854, 1000, 1366; ``tests/test_decoders.py``
+holds every width it uses to the RGB bytes). Consumers of ``rgba`` frames take both.
+
 Backends: ``pyav`` (default; bounded memory on long videos) and ``decord`` (the seed's ViT-L
 decoder; its RSS grows with the length of the video, see the README). Both give bit-identical
 full-size frames on H.264. This module imports only numpy and the decoder, so the decode
@@ -35,6 +43,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "decord")
+RGBA_WIDTH_MULTIPLE = 16  # see the module docstring: RGBA only where a row is whole 64-byte lines
 Crop = Optional[Sequence[int]]
 Transform = Optional[Callable[[np.ndarray], np.ndarray]]
 Frame = tuple[int, np.ndarray, float]
@@ -97,11 +106,13 @@ class VideoSource:
         self.rotation = 0  # degrees counter-clockwise applied to every frame
 
     def stream(self, start_frame: int = 0, end_frame: Optional[int] = None,
-               transform: Transform = None, output_size: Optional[tuple[int, int]] = None) -> Iterator[Frame]:
+               transform: Transform = None, output_size: Optional[tuple[int, int]] = None,
+               rgba: bool = False) -> Iterator[Frame]:
         """Frames ``[start_frame, end_frame)`` (``None``: to the end) as ``(index, rgb, pts_s)``.
 
         ``output_size=(w, h)`` asks the decoder's own scaler for that size after the crop (the
         opt-in ``--resize fast``); otherwise frames are full-size (cropped) RGB, then ``transform``.
+        ``rgba``: full-size frames with 4 channels where the decoder can (see the module docstring).
         """
         if start_frame < 0 or (end_frame is not None and end_frame < start_frame):
             raise ValueError(f"bad frame range [{start_frame}, {end_frame}) for {self.uri}")
@@ -110,7 +121,7 @@ class VideoSource:
             if x + w > self.width or y + h > self.height:
                 raise ValueError(f"crop box {self.crop} lies outside the {self.width}x{self.height} "
                                  f"frames of {self.uri}; fix the manifest's crop_* columns")
-        for index, rgb, pts in self._frames(start_frame, end_frame, output_size):
+        for index, rgb, pts in self._frames(start_frame, end_frame, output_size, rgba):
             if transform is not None:
                 rgb = transform(rgb)
             yield index, rgb, pts
@@ -121,7 +132,7 @@ class VideoSource:
         x, y, w, h = self.crop
         return rgb[y:y + h, x:x + w]
 
-    def _frames(self, start: int, end: Optional[int], output_size) -> Iterator[Frame]:
+    def _frames(self, start: int, end: Optional[int], output_size, rgba: bool) -> Iterator[Frame]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -249,7 +260,7 @@ class PyAVSource(VideoSource):
             raise VideoDecodeError(self.uri, 0, self._head_error)
         return enumerate(itertools.chain([self._first] if self._first is not None else [], head))
 
-    def _frames(self, start: int, end: Optional[int], output_size) -> Iterator[Frame]:
+    def _frames(self, start: int, end: Optional[int], output_size, rgba: bool) -> Iterator[Frame]:
         self._configure()
         numbered = None
         if start > 0:
@@ -270,7 +281,8 @@ class PyAVSource(VideoSource):
                     graph.push(frame)
                     rgb = graph.pull().to_ndarray(format="rgb24")
                 else:
-                    rgb = self._crop(_rotate(frame.to_ndarray(format="rgb24"), self.rotation))
+                    pixels = "rgba" if rgba and frame.width % RGBA_WIDTH_MULTIPLE == 0 else "rgb24"
+                    rgb = self._crop(_rotate(frame.to_ndarray(format=pixels), self.rotation))
                 yield index, rgb, pts
                 index += 1
         except _DecodeFailure as exc:
@@ -387,8 +399,8 @@ class DecordSource(VideoSource):
         except Exception as exc:  # decord raises its own DECORDError, or RuntimeError
             raise VideoOpenError(self.uri, str(exc)) from exc
 
-    def _frames(self, start: int, end: Optional[int], output_size) -> Iterator[Frame]:
-        vr = self._vr
+    def _frames(self, start: int, end: Optional[int], output_size, rgba: bool) -> Iterator[Frame]:
+        vr = self._vr  # decord decodes to 3 channels only: ``rgba`` is a request, not a promise
         if output_size:
             if self.crop is not None:
                 raise ValueError("--resize fast with --decoder decord cannot crop first; "

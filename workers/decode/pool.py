@@ -125,11 +125,14 @@ def _slot_view(slots: np.ndarray, slot: int, shape: tuple, dtype: np.dtype) -> n
 
 
 class _Resizes:
-    """Several resizes of one decoded frame (picklable; runs in the decode process)."""
+    """The resizes of one pool, each applied once per decoded frame (picklable; runs in the decode
+    process). Each writes straight into its ring's slot: a resized frame is copied once."""
 
-    def __init__(self, resizes: tuple[FrameResize, ...]):
+    def __init__(self, resizes: tuple[Transform, ...]):
         self.resizes = resizes
         self.uses_torch = any(getattr(r, "uses_torch", False) for r in resizes)
+        # RGBA only when every resize takes it: the frame is converted once for all of them.
+        self.rgba = all(getattr(r, "takes_rgba", False) for r in resizes)
 
     def prepare(self) -> None:
         for resize in self.resizes:
@@ -138,8 +141,12 @@ class _Resizes:
     def decoder_size(self, in_h: int, in_w: int) -> Optional[tuple[int, int]]:
         return self.resizes[0].decoder_size(in_h, in_w)  # fast resizing allows one resize only
 
-    def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(resize(frame) for resize in self.resizes)
+    def out_shapes(self, frame_shape: tuple) -> list[tuple[int, int, int]]:
+        return [resize.out_shape_for(frame_shape) for resize in self.resizes]
+
+    def write(self, frame: np.ndarray, outs: list[np.ndarray]) -> None:
+        for resize, out in zip(self.resizes, outs):
+            resize(frame, out)
 
 
 def _slot_bytes(specs: tuple) -> list[int]:
@@ -184,19 +191,22 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                         "height": source.height, "container_frames": source.num_frames, "rotation": source.rotation}
                 messages.send(("opened", job.key, info))
                 size = resize.decoder_size(*(job.crop[3:1:-1] if job.crop else (source.height, source.width)))
-                for index, rgb, pts in source.stream(job.start_frame, job.end_frame, resize, size):
-                    outs = rgb if isinstance(rgb, tuple) else (rgb,)
-                    for out, (shape, dtype) in zip(outs, specs):
-                        if out.dtype != dtype or out.ndim != 3 or any(a > b for a, b in zip(out.shape, shape)):
-                            raise ValueError(f"{job.uri}: frame of shape {out.shape} {out.dtype}, expected at "
-                                             f"most {shape} {dtype}; the manifest's width, height or crop columns "
-                                             "are wrong for it: probe it again with `videofeat manifest`")
+                for index, frame, pts in source.stream(job.start_frame, job.end_frame, None, size, resize.rgba):
+                    shapes = resize.out_shapes(frame.shape)
+                    for shape, (largest, _) in zip(shapes, specs):
+                        if frame.ndim != 3 or any(a > b for a, b in zip(shape, largest)):
+                            raise ValueError(f"{job.uri}: frame of shape {frame.shape}, expected at most "
+                                             f"{largest}; the manifest's width, height or crop columns are "
+                                             "wrong for it: probe it again with `videofeat manifest`")
                     free.acquire()
-                    for slots, out, (_, dtype) in zip(rings, outs, specs):
-                        _slot_view(slots, slot, out.shape, dtype)[...] = out
+                    try:
+                        resize.write(frame, [_slot_view(slots, slot, shape, dtype)
+                                             for slots, shape, (_, dtype) in zip(rings, shapes, specs)])
+                    except BaseException:
+                        free.release()  # the slot was never handed over
+                        raise
                     # One resize: its shape; several: the tuple of their shapes.
-                    shapes = outs[0].shape if len(outs) == 1 else tuple(o.shape for o in outs)
-                    messages.send(("frame", job.key, index, slot, pts, shapes))
+                    messages.send(("frame", job.key, index, slot, pts, shapes[0] if len(shapes) == 1 else tuple(shapes)))
                     slot = (slot + 1) % ring
                     count += 1
             messages.send(("done", job.key, count))
@@ -283,11 +293,10 @@ class DecodePool:
                 raise ValueError("--resize fast gives one size per decode: it cannot feed several resizes")
             self.resizes = resize
             self.specs = tuple(frame_spec(r) for r in resize)
-            self.resize: Any = resize[0] if len(resize) == 1 else _Resizes(resize)
         else:
             self.resizes = (resize,)
             self.specs = ((tuple(frame_shape), np.dtype(frame_dtype)),)
-            self.resize = resize
+        self.resize = _Resizes(self.resizes)
         self.shape, self.dtype = self.specs[0]
         self._ctx = self._context(self.resize)
         self._workers: list[_Worker] = []

@@ -14,14 +14,19 @@ reproduces one seed script, and ``--resize`` picks the kernel that computes it:
   gather those rows and columns and blend them in float32 instead of converting a whole 1080p
   frame to float (which costs more than decoding it). The result stays float32 in [0, 255]:
   the seed interpolated after normalizing, and normalization is per-channel affine, so
-  normalizing afterwards gives the same numbers up to float rounding. Both kernels use it.
+  normalizing afterwards gives the same numbers up to float rounding. ``exact`` blends in numpy
+  in the association of torch's kernel; ``bounded`` blends with two ``torch.lerp`` passes (the
+  same numbers to float rounding, about half the time).
 - ``short_side_crop`` (``videomae-16x4``): PIL bilinear to short side ``size``, centre crop;
   ``bounded`` resizes with torch's kernel, as for ``pil_bilinear``.
 
 ``fast`` resizing happens inside the decoder instead (see ``decoders.stream(output_size=...)``).
-This module imports numpy and PIL; torch only when the ``bounded`` uint8 kernel first runs
-(importing it costs a decode process ~1.5 s and ~250 MB of private memory, measured by
-``benchmarks/frame_cost.py``).
+
+Every kernel takes HxWx3 RGB or HxWx4 RGBA frames (what PyAV converts to fastest, see
+``decoders.py``) and writes HxWx3 straight into the ring slot it is given (``out``), so a resized
+frame is copied once, not built and then copied. This module imports numpy and PIL; torch only
+when a ``bounded`` kernel first runs (importing it costs a decode process ~1.5 s and ~250 MB of
+private memory, measured by ``benchmarks/frame_cost.py``, mostly shared through the fork server).
 """
 
 from __future__ import annotations
@@ -39,10 +44,25 @@ KERNELS = ("exact", "bounded", "fast")
 BOUNDS = {"pil_bilinear": 1, "short_side_crop": 1, "interpolate_bilinear": 1e-3}
 
 
-def pil_bilinear(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+def _into(result: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """``result``'s first three channels, in ``out`` when given (a ring slot) or as they are."""
+    if out is None:
+        return result if result.shape[2] == 3 else np.ascontiguousarray(result[..., :3])
+    out[...] = result[..., :3]
+    return out
+
+
+def pil_bilinear(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+    if frame.shape[2] == 4:
+        # PIL keeps an RGB image in 4 bytes a pixel: an RGBA frame loads as RGBX without the
+        # 3 -> 4 byte unpacking that costs Image.fromarray ~2 ms a 1080p frame (same numbers).
+        frame = np.ascontiguousarray(frame)
+        image = Image.frombuffer("RGBX", (frame.shape[1], frame.shape[0]), frame, "raw", "RGBX", 0, 1)
+    else:
+        image = Image.fromarray(frame)
+    return _into(np.asarray(image.resize((width, height), Image.BILINEAR)), out)
 
 
 _TORCH = None
@@ -59,17 +79,32 @@ def _torch():
     return _TORCH
 
 
-def antialias_uint8(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+def _interleave(planes: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """CxHxW planes (C >= 3) as an HxWx3 frame: one strided copy per channel.
+
+    Assigning the transposed view (``out[...] = planes.transpose(1, 2, 0)``) walks a 3-long inner
+    axis and costs ~0.3 ms at 224x224; three flat strided copies cost ~0.05 ms.
+    """
+    height, width = planes.shape[1:]
+    out = np.empty((height, width, 3), planes.dtype) if out is None else out
+    flat = out.reshape(-1)
+    for channel in range(3):
+        flat[channel::3] = planes[channel].reshape(-1)
+    return out
+
+
+def antialias_uint8(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """PIL BILINEAR's numbers (within 1/255) from torch's antialiased uint8 kernel.
 
-    The HxWxC array is handed to torch as a channels-last 1xCxHxW view (no copy), which is the
-    layout the vectorised uint8 kernel reads; a crop box (a strided view) is fine too.
+    The HxWxC array (C = 3, or 4 for RGBA) is handed to torch as a channels-last 1xCxHxW view
+    (no copy), which is the layout the vectorised uint8 kernel reads; a crop box (a strided view)
+    is fine too. The kernel returns planes (NCHW), interleaved straight into ``out``.
     """
     torch = _torch()
     x = torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0)
     y = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
                                         antialias=True)
-    return y[0].permute(1, 2, 0).numpy()
+    return _interleave(y[0].numpy(), out)
 
 
 def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,53 +122,119 @@ def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, 
     return i0, i1, lam
 
 
+@dataclass(frozen=True)
+class _Taps:
+    """Where one size's 2x2 taps are and how they blend, computed once per (size, frame layout)."""
+
+    flat: np.ndarray  # pixel index of every tap, rows y0 then y1, columns x0 then x1
+    lam_x: np.ndarray  # (width,) weight of column x1
+    lam_y: np.ndarray  # (height,) weight of row y1
+
+
 _TAPS: dict = {}
 
 
-def _taps(height: int, width: int, in_h: int, in_w: int, channels: int) -> tuple:
-    """Source rows, columns and flat indices, and blend weights for one size, computed once per size.
-
-    Weights are laid out per (column, channel), so blends run over contiguous rows of
-    ``width * channels`` floats: broadcasting a weight over a trailing axis of 3 is several times
-    slower in numpy.
-    """
-    key = (height, width, in_h, in_w, channels)
+def _taps(height: int, width: int, in_h: int, in_w: int, row_pixels: int) -> _Taps:
+    key = (height, width, in_h, in_w, row_pixels)
     if key not in _TAPS:
-        y0, y1, ly = _source_index(height, in_h)
-        x0, x1, lx = _source_index(width, in_w)
+        y0, y1, lam_y = _source_index(height, in_h)
+        x0, x1, lam_x = _source_index(width, in_w)
         rows, cols = np.concatenate([y0, y1]), np.concatenate([x0, x1])
-        lx = np.repeat(lx, channels)[None, :]
-        _TAPS[key] = (rows, cols, (rows[:, None] * in_w + cols[None, :]).ravel(),
-                      (1 - lx, lx, (1 - ly)[:, None], ly[:, None]))
+        _TAPS[key] = _Taps((rows[:, None] * row_pixels + cols[None, :]).ravel(), lam_x, lam_y)
     return _TAPS[key]
 
 
-def interpolate_bilinear(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``F.interpolate(bilinear, align_corners=False, antialias=False)`` of an HxWxC frame, float32."""
+def _gather(frame: np.ndarray, height: int, width: int) -> tuple[np.ndarray, _Taps]:
+    """The ``(2 * height, 2 * width, C)`` source pixels a bilinear resize reads, and their weights.
+
+    4 * 224 * 224 pixels instead of a 1080p frame. Pixels move as single items (``uint32`` for
+    RGBA, a 3-byte void for RGB: no copy, and numpy gathers whole items far faster than (w, C)
+    slices), indexed in a 1-D view that starts at the frame's first pixel and steps a pixel at
+    a time, so a crop box (a strided view of a bigger frame) gathers as a whole frame does.
+    """
     in_h, in_w, channels = frame.shape
-    rows, cols, flat, (wx0, wx1, wy0, wy1) = _taps(height, width, in_h, in_w, channels)
-    # One gather of the (2 * height, 2 * width) source pixels the output reads (rows y0 then y1,
-    # columns x0 then x1): 4 * 224 * 224 pixels instead of a 1080p frame. Pixels move as C-byte
-    # items (a void view, no copy), which numpy gathers far faster than (w, C) slices; a whole
-    # frame takes flat indices, a crop box (a strided view) row and column indices.
-    pixel = np.dtype((np.void, channels * frame.itemsize))
-    if frame.flags.c_contiguous:
-        block = np.take(frame.reshape(-1).view(pixel), flat)
-    else:
-        block = frame.reshape(in_h, -1).view(pixel)[rows[:, None], cols[None, :]]
-    block = block.view(frame.dtype).reshape(2 * height, 2 * width * channels).astype(np.float32)
-    split = width * channels
-    top0, top1 = block[:height, :split], block[:height, split:]
-    bottom0, bottom1 = block[height:, :split], block[height:, split:]
-    # Same association as torch's CPU kernel: h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 + w1 * x11).
-    row0 = top0 * wx0
-    row0 += top1 * wx1
-    row1 = bottom0 * wx0
-    row1 += bottom1 * wx1
+    pixel_bytes, row_bytes = frame.strides[1], frame.strides[0]
+    if frame.strides[2] != 1 or pixel_bytes != channels or row_bytes % pixel_bytes:
+        frame = np.ascontiguousarray(frame)
+        pixel_bytes, row_bytes = channels, frame.strides[0]
+    row_pixels = row_bytes // pixel_bytes
+    taps = _taps(height, width, in_h, in_w, row_pixels)
+    item = np.dtype(np.uint32) if channels == 4 else np.dtype((np.void, channels))
+    pixels = np.lib.stride_tricks.as_strided(frame.view(item),
+                                             shape=((in_h - 1) * row_pixels + in_w,), strides=(pixel_bytes,))
+    block = np.take(pixels, taps.flat)
+    return block.view(np.uint8).reshape(2 * height, 2 * width, channels), taps
+
+
+def _drop_alpha(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """HxWx3 from HxWx(3 or 4), contiguous: flat strided copies (the 3-of-4 view is ~5x slower)."""
+    if pixels.shape[2] == 3 and out is None:
+        return pixels
+    if out is None:
+        out = np.empty(pixels.shape[:2] + (3,), pixels.dtype)
+    flat, source, channels = out.reshape(-1), pixels.reshape(-1), pixels.shape[2]
+    for channel in range(3):
+        flat[channel::3] = source[channel::channels]
+    return out
+
+
+def interpolate_bilinear(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``F.interpolate(bilinear, align_corners=False, antialias=False)`` of an HxWxC frame, float32.
+
+    numpy, in the association of torch's CPU kernel: h0 * (w0 * x00 + w1 * x01) + h1 * (w0 * x10 +
+    w1 * x11) (the ``exact`` kernel; ``lerp_bilinear`` is the faster ``bounded`` one).
+    """
+    block, taps = _gather(frame, height, width)
+    split = width * 3
+    block = _drop_alpha(block).astype(np.float32).reshape(2 * height, 2 * split)
+    # Weights per (column, channel): blends run over contiguous rows of width * 3 floats
+    # (broadcasting a weight over a trailing axis of 3 is several times slower in numpy).
+    wx1 = np.repeat(taps.lam_x, 3)[None, :]
+    wx0, wy1 = 1 - wx1, taps.lam_y[:, None]
+    wy0 = 1 - wy1
+    row0 = block[:height, :split] * wx0
+    row0 += block[:height, split:] * wx1
+    row1 = block[height:, :split] * wx0
+    row1 += block[height:, split:] * wx1
     row0 *= wy0
     row1 *= wy1
-    row0 += row1
-    return row0.reshape(height, width, channels)
+    if out is None:
+        out = np.empty((height, width, 3), np.float32)
+    np.add(row0, row1, out=out.reshape(height, split))
+    return out
+
+
+_LERP: dict = {}
+
+
+def lerp_bilinear(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The same resize as :func:`interpolate_bilinear` to float rounding (3e-5 of 255 measured), faster.
+
+    Two fused ``torch.lerp`` passes (columns, then rows) replace numpy's nine multiply and add
+    passes, into buffers kept per size: ~0.4 ms less a 1080p frame. ``a + w * (b - a)`` rounds
+    differently from torch's ``(1 - w) * a + w * b``, so the fingerprint tells the two apart.
+    """
+    torch = _torch()
+    block, taps = _gather(frame, height, width)
+    channels = block.shape[2]
+    key = (height, width, channels, frame.shape[0], frame.shape[1])
+    if key not in _LERP:
+        _LERP[key] = (torch.empty((2 * height, 2 * width, channels)), torch.empty((2 * height, width, channels)),
+                      torch.empty((height, width, channels)),
+                      torch.from_numpy(np.repeat(taps.lam_x[:, None], channels, axis=1)),
+                      torch.from_numpy(taps.lam_y.copy()).view(height, 1, 1))
+    floats, columns, rows, lam_x, lam_y = _LERP[key]
+    # All four channels of an RGBA block, alpha included: torch runs 3-of-4 strided views ~7x
+    # slower than contiguous ones, so alpha is dropped once, from the small result.
+    floats.copy_(torch.from_numpy(block))
+    torch.lerp(floats[:, :width], floats[:, width:], lam_x, out=columns)
+    if out is None:
+        out = np.empty((height, width, 3), np.float32)
+    if channels == 3:
+        torch.lerp(columns[:height], columns[height:], lam_y, out=torch.from_numpy(out))
+        return out
+    torch.lerp(columns[:height], columns[height:], lam_y, out=rows)
+    return _drop_alpha(rows.numpy(), out)
 
 
 def short_side_size(in_h: int, in_w: int, size: int) -> tuple[int, int]:
@@ -189,17 +290,23 @@ class FrameResize:
 
     @property
     def uses_torch(self) -> bool:
-        return self.kernel == "bounded" and self.method != "interpolate_bilinear"
+        return self.kernel == "bounded"
+
+    @property
+    def takes_rgba(self) -> bool:
+        """Whether full-size RGBA frames (``decoders.stream(rgba=True)``) may come in: every kernel
+        but the decoder's own scaler, whose frames are already small."""
+        return not self.fast
 
     @property
     def numbers(self) -> str:
         """What the output's numbers are, for the fingerprint: two kernels with equal numbers share it.
 
-        The interpolate gather is the same arithmetic under both kernels; PIL's numbers and
-        torch's antialiased kernel's differ by at most 1/255, so they are told apart.
+        Both ``bounded`` kernels differ from the seed's arithmetic (by at most 1/255 for PIL's,
+        by float rounding for the interpolate), so each is told apart from ``exact``.
         """
-        if self.kernel == "bounded" and self.uses_torch:
-            return "torch_antialias_uint8"
+        if self.kernel == "bounded":
+            return "torch_lerp" if self.method == "interpolate_bilinear" else "torch_antialias_uint8"
         return "fast" if self.fast else "exact"
 
     def prepare(self) -> None:
@@ -216,16 +323,21 @@ class FrameResize:
             return w, h
         return self.size, self.size
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
+    def out_shape_for(self, frame_shape: tuple) -> tuple[int, int, int]:
+        return self.out_shape
+
+    def __call__(self, frame: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The resized HxWx3 frame, written into ``out`` (a ring slot) when given."""
         if self.fast:
             # The decoder already scaled; only the centre crop is left to do.
-            return center_crop(frame, self.size) if self.method == "short_side_crop" else frame
+            return _into(center_crop(frame, self.size) if self.method == "short_side_crop" else frame, out)
         if self.method == "interpolate_bilinear":
-            return interpolate_bilinear(frame, self.size, self.size)
+            kernel = lerp_bilinear if self.kernel == "bounded" else interpolate_bilinear
+            return kernel(frame, self.size, self.size, out)
         uint8_resize = antialias_uint8 if self.kernel == "bounded" else pil_bilinear
         if self.method == "pil_bilinear":
-            return uint8_resize(frame, self.size, self.size)
-        return short_side_crop(frame, self.size, uint8_resize)
+            return uint8_resize(frame, self.size, self.size, out)
+        return _into(short_side_crop(frame, self.size, uint8_resize), out)
 
 
 @dataclass(frozen=True)
@@ -239,6 +351,7 @@ class FullFrame:
     max_height: int
     max_width: int
     uses_torch = False
+    takes_rgba = False  # the device-side resize reads 3-channel frames
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -254,5 +367,8 @@ class FullFrame:
     def decoder_size(self, in_h: int, in_w: int) -> None:
         return None
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        return frame
+    def out_shape_for(self, frame_shape: tuple) -> tuple[int, int, int]:
+        return frame_shape[0], frame_shape[1], 3
+
+    def __call__(self, frame: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return _into(frame, out)

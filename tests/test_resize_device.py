@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -156,3 +159,47 @@ def test_torch_kernel_decoders_fork_from_a_server_that_ignores_stop_signals(vide
         assert [(e.key, e.status) for e in failed] == [(1, "crashed")] and "SIGKILL" in failed[0].error
         assert [e.key for e in events if e.kind == "done"] == [2] and pool.respawns == 1
         assert _parent_pid(pool.pids()[0]) == server
+
+
+RANK_THAT_STOPS_READING = """
+import sys, time
+from videofeat.workers.decode.pool import DecodeJob, DecodePool, PoolConfig, frame_spec
+from videofeat.workers.decode.resize import FrameResize
+resize = FrameResize(sys.argv[2], 32, "bounded")
+shape, dtype = frame_spec(resize)
+pool = DecodePool(PoolConfig(procs=1, ring=2), resize, shape, dtype)
+events = pool.run([DecodeJob(0, sys.argv[1])])
+next(events)  # one frame taken, then no more: the decode process fills the ring and waits
+print(pool.pids()[0], flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_sigkilled_rank_leaves_no_decode_process_or_fork_server(videos):
+    # A fork server's child is not the rank's child, so the rank's death signal never reaches
+    # it; waiting on a full ring, it (and the server it keeps alive) used to outlive the rank.
+    rank = subprocess.Popen([sys.executable, "-c", RANK_THAT_STOPS_READING, videos[0], "pil_bilinear"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(rank.stdout.readline())
+        server = _parent_pid(child)
+        assert server != rank.pid
+        time.sleep(0.5)  # the ring is full by now
+        rank.kill()
+        rank.wait()
+        assert _gone(child, 10) and _gone(server, 10)
+    finally:
+        rank.kill()

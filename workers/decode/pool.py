@@ -163,6 +163,25 @@ def _rings(buffer: Any, ring: int, specs: tuple) -> list[np.ndarray]:
     return out
 
 
+PARENT_CHECK_S = 1.0
+
+
+def _acquire_slot(free: Any) -> None:
+    """Wait for a free ring slot; exit if the rank that reads the ring has died meanwhile.
+
+    A decode process forked from the fork server is the server's child, not the rank's, so
+    PR_SET_PDEATHSIG does not fire when a rank is SIGKILLed; and it holds the server's liveness
+    pipe, so the server does not exit either. Blocked here on a full ring, the pair would
+    outlive the rank for good (found after a SIGKILLed torchrun rank). The rank's sentinel
+    (``parent_process()``: the pipe it spawned us through) tells both start methods apart from
+    a slow parent.
+    """
+    parent = mp.parent_process()
+    while not free.acquire(timeout=PARENT_CHECK_S):
+        if parent is not None and not parent.is_alive():
+            os._exit(0)  # nobody reads this ring any more
+
+
 def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tuple,
                  free: Any, resize: Any, backend: str, threads: int) -> None:
     _die_with_parent()
@@ -198,7 +217,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                             raise ValueError(f"{job.uri}: frame of shape {frame.shape}, expected at most "
                                              f"{largest}; the manifest's width, height or crop columns are "
                                              "wrong for it: probe it again with `videofeat manifest`")
-                    free.acquire()
+                    _acquire_slot(free)
                     try:
                         resize.write(frame, [_slot_view(slots, slot, shape, dtype)
                                              for slots, shape, (_, dtype) in zip(rings, shapes, specs)])

@@ -71,6 +71,8 @@ def test_shards_rows_metadata_and_stats(dataset):
     assert [v["status"] for v in stats["videos"]] == ["ok", "ok"]
     assert [v["frames_decoded"] for v in stats["videos"]] == [64, 41]
     assert stats["windows"] == len(ids) and stats["world_size"] == 1 and stats["attempt"] == 1
+    # The decode processes' own CPU time for these 105 frames: some, and no more than the CPUs had.
+    assert 0 < stats["decode_cpu_s"] < stats["seconds"] * os.cpu_count()
 
     # A plain rerun has nothing to do and touches nothing.
     before = {p: os.stat(p).st_mtime_ns for p in (run.shard_path(0), run.shard_path(1))}

@@ -108,6 +108,7 @@ class DecodeEvent:
     error: Optional[str] = None
     failed_at_frame: Optional[int] = None
     info: Optional[dict] = None
+    cpu_s: Optional[float] = None  # ``done``: CPU seconds the decode process spent on this job
 
 
 def _die_with_parent() -> None:
@@ -197,7 +198,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
         job = tasks.recv()
         if job is None:
             break
-        count = 0
+        count, cpu_start = 0, time.process_time()
         try:
             from videofeat.manifests import fsutil
 
@@ -228,7 +229,8 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                     messages.send(("frame", job.key, index, slot, pts, shapes[0] if len(shapes) == 1 else tuple(shapes)))
                     slot = (slot + 1) % ring
                     count += 1
-            messages.send(("done", job.key, count))
+            # CPU time, not wall time: waiting for a free slot (the parent busy with the model) costs none.
+            messages.send(("done", job.key, count, round(time.process_time() - cpu_start, 4)))
         except VideoOpenError as exc:
             # Jobs come from a manifest whose probe read the file: one that cannot be read now
             # (moved, permissions, I/O) may be readable on the next attempt.
@@ -406,7 +408,7 @@ class DecodePool:
                     worker.free.release()
             elif kind == "done":
                 worker.job = None
-                yield DecodeEvent("done", key, frames_decoded=message[2])
+                yield DecodeEvent("done", key, frames_decoded=message[2], cpu_s=message[3])
             else:
                 _, _, status, error, failed_at, count = message
                 worker.job = None

@@ -361,7 +361,8 @@ class Extractor:
                      **identity, "started": started, "finished": utc_now(), "seconds": seconds,
                      "windows": pipeline.windows_written(i),
                      "first_frame_s": None if pipeline.first_frame_s is None else round(pipeline.first_frame_s, 3),
-                     "frames_decoded": sum(v["frames_decoded"] for v in videos[i]), "videos": videos[i],
+                     "frames_decoded": sum(v["frames_decoded"] for v in videos[i]),
+                     "decode_cpu_s": round(pipeline.decode_cpu_s, 3), "videos": videos[i],
                      "batch_size": runner.max_batch or self.config.batch_size}
             if self.sets is not None:
                 # The one decode that fed every set of this shard, and its cost per video frame.

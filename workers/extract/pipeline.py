@@ -232,6 +232,7 @@ class ShardPipeline:
         # Output i is output ``_where[i][1]`` of group ``_where[i][0]``.
         self._where = {i: (g, k) for g, members in enumerate(grouped.values()) for k, i in enumerate(members)}
         self.frames_decoded = 0  # frames the decoder delivered, whatever number of outputs they fed
+        self.decode_cpu_s = 0.0  # CPU the decode processes spent on the videos that decoded to the end
         self.started = time.monotonic()
         self.first_frame_s: Optional[float] = None  # start-up latency: spawning and warming the decoders
         self._changed: dict[int, str] = {}  # the decoder found another file than the manifest's: frames ignored
@@ -268,6 +269,7 @@ class ShardPipeline:
                 for group in self.groups:
                     group.on_frame(event)
             elif event.kind in ("done", "failed"):
+                self.decode_cpu_s += event.cpu_s or 0.0
                 if event.kind == "failed":
                     log.warning("%s: %s: %s", self.rows[event.key].video_id, event.status, event.error)
                 for group in self.groups:

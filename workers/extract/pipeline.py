@@ -98,7 +98,7 @@ class _Group:
         self.videos = [_plan_video(r, self.sampling) for r in rows]
         for video in self.videos:
             video.features, video.probs = [{} for _ in outputs], [{} for _ in outputs]
-        self._batch: list[tuple[int, int, np.ndarray]] = []
+        self._batch: list[tuple[int, int, list[np.ndarray]]] = []  # (video, window, its frames)
         self._next_write = 0
         self.windows_written = [0] * len(outputs)
 
@@ -160,7 +160,7 @@ class _Group:
             raise Interrupted("stop requested (SIGTERM/SIGUSR2)")
         if not self._batch:
             return
-        clips = np.stack([clip for _, _, clip in self._batch])
+        clips = [clip for _, _, clip in self._batch]
         for k, output in enumerate(self.outputs):
             feats, probs = output.infer(clips)
             for j, (key, window, _) in enumerate(self._batch):

@@ -152,8 +152,12 @@ class WindowAssembler:
             w += 1
         return False
 
-    def add(self, index: int, frame: np.ndarray, pts: float) -> list[tuple[int, np.ndarray]]:
-        """Add frame ``index`` (a copy is kept); returns the windows it completes as (w, clip)."""
+    def add(self, index: int, frame: np.ndarray, pts: float) -> list[tuple[int, list[np.ndarray]]]:
+        """Add frame ``index`` (a copy is kept); returns the windows it completes as (w, frames).
+
+        A window is the list of its frames (the kept copies, shared by overlapping windows), not
+        a stacked array: the batch is assembled once, in ``BatchRunner``.
+        """
         self.frames += 1
         self.pts[index] = pts
         if self._needed(index):
@@ -165,7 +169,7 @@ class WindowAssembler:
             w = self.next_window
             indices = s.frame_indices(w)
             if all(int(i) in self._ring for i in indices):
-                done.append((w, np.stack([self._ring[int(i)] for i in indices])))
+                done.append((w, [self._ring[int(i)] for i in indices]))
                 self.emitted += 1
             self.next_window += 1
             first_kept = s.start(self.next_window)

@@ -8,8 +8,8 @@ dashboard camera's bitrate), in one run:
 
 - the floor: PyAV decoding to RGB on one thread, frames/s;
 - ms per frame of each stage of the decode process (decode, to RGB and to RGBA, each preset's
-  resize kernel writing into a ring slot) and of the parent (window copy, window stack, batch
-  stack, normalisation), measured in this process on one thread;
+  resize kernel writing into a ring slot) and of the parent (window copy, the batch assembled,
+  converted and normalised), measured in this process on one thread;
 - what importing torch costs a fresh process (start-up, RSS, private memory): the price of
   running torch's resize kernel inside a decode process;
 - ``videofeat extract`` of each seed preset and each ``--resize`` kernel given (side by side,
@@ -224,13 +224,11 @@ def stage_costs(video: str, frames: int, kernels: list[str]) -> dict[str, float]
             out[f"{name} resize --resize {method} (into the ring slot)"] = _ms(lambda f: transform(f, ring[3]), rgba)
         out[f"{name} ring slot -> window copy"] = _ms(lambda f: np.array(f, copy=True), [ring[3]] * 30)
         s = preset.sampling
-        window = [ring[i % 48] for i in range(s.num_frames)]
-        # A window of num_frames frames is stacked once per hop frames; a batch of 8 windows once per 8 hops.
-        out[f"{name} window stack (per frame)"] = _ms(lambda _: np.stack(window), [0] * 10) / s.hop
-        clip = np.stack(window)
-        out[f"{name} batch stack (per frame)"] = _ms(lambda _: np.stack([clip] * 8), [0] * 5) / (8 * s.hop)
-        batch = np.stack([clip] * 8)
-        out[f"{name} to float + normalise (per frame)"] = _ms(_normalise(preset), [batch] * 3) / (8 * s.hop)
+        # A window is the list of its kept frames; the batch of 8 windows is assembled once, per
+        # frame turned, converted and normalised (each frame is in span / hop windows).
+        windows = [[ring[i % 48] for i in range(s.num_frames)]] * 8
+        out[f"{name} batch assembly + float + normalise (per frame)"] = (
+            _ms(_normalise(preset), [windows] * 3) / (8 * s.hop))
     return out
 
 
@@ -244,7 +242,8 @@ def _normalise(preset):
         return BatchRunner(torch.nn.Identity(), torch.device("cpu"), "fp32", preset.mean, preset.std)._to_device
     except (ImportError, AttributeError):
         scale, shift = torch.full((1, 3, 1, 1, 1), 1 / 58.0), torch.full((1, 3, 1, 1, 1), -2.0)
-        return lambda b: torch.from_numpy(b).permute(0, 4, 1, 2, 3).float() * scale + shift
+        return lambda windows: (torch.from_numpy(np.stack([np.stack(w) for w in windows])).permute(0, 4, 1, 2, 3)
+                                .float() * scale + shift)
 
 
 def _preset(resolve, name: str, method: str):

@@ -125,6 +125,8 @@ def test_reading_a_manifest_leaves_the_exit_code_alone(aicity_tree, tmp_path):
             f"local = read_manifest({str(out)!r})\n"
             f"fsspec.filesystem('memory').pipe('/exit-test/m.parquet', open({str(out)!r}, 'rb').read())\n"
             "assert read_manifest('memory://exit-test/m.parquet').equals(local)\n"
+            # Nor does it import pandas (pyarrow.dataset did: 0.4 s and ~33 MB in every rank).
+            "assert 'pandas' not in sys.modules\n"
             "sys.exit(3)\n")
     for _ in range(3):
         assert subprocess.run([sys.executable, "-c", code]).returncode == 3

@@ -203,3 +203,40 @@ def test_a_sigkilled_rank_leaves_no_decode_process_or_fork_server(videos):
         assert _gone(child, 10) and _gone(server, 10)
     finally:
         rank.kill()
+
+
+RANK_SIGNALLED_WHILE_ITS_DECODERS_START = """
+import sys
+from videofeat.workers.decode.pool import DecodeJob, DecodePool, PoolConfig, frame_spec
+from videofeat.workers.decode.resize import FrameResize
+from videofeat.workers.signals import StopSignals
+signals = StopSignals().install()
+resize = FrameResize(sys.argv[2], 32, sys.argv[3])
+shape, dtype = frame_spec(resize)
+print("starting", flush=True)
+with DecodePool(PoolConfig(procs=1, ring=4), resize, shape, dtype) as pool:
+    events = list(pool.run([DecodeJob(0, sys.argv[1])]))
+print([e.kind for e in events].count("frame"), events[-1].kind, signals.received, flush=True)
+sys.stdin.read()  # exit once the signals have stopped (an exiting interpreter has no handlers left)
+"""
+
+
+@pytest.mark.parametrize("kernel", ["bounded", "exact"], ids=["fork-server", "spawn"])
+def test_stop_signals_while_decoders_start_reach_only_the_rank(videos, kernel):
+    # SLURM signals every process of a step. One that lands while a decode process (or its fork
+    # server, importing torch for ~2 s) is still starting used to kill it: the rank, which meant
+    # to stop cleanly, recorded a decoder error instead.
+    rank = subprocess.Popen([sys.executable, "-c", RANK_SIGNALLED_WHILE_ITS_DECODERS_START, videos[0],
+                             "pil_bilinear", kernel], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert rank.stdout.readline().strip() == "starting"
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline and rank.poll() is None:
+            os.killpg(rank.pid, signal.SIGUSR2)  # the whole process group, as srun does
+            time.sleep(0.05)
+        out, err = rank.communicate(timeout=60)
+        assert rank.returncode == 0 and out.split() == ["40", "done", "SIGUSR2"], err
+        assert "died unexpectedly" not in err, err  # multiprocessing's resource tracker neither
+    finally:
+        rank.kill()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,34 @@ class StopSignals:
         self._previous.clear()
 
 
+CHILD_IGNORES = (signal.SIGINT, *STOP_SIGNALS)
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """In a child process: leave SIGINT, SIGTERM and SIGUSR2 to the parent, which stops cleanly.
 
+    Then unblocks them, for a child started under :func:`stop_signals_blocked`: a signal that
+    arrived while it started is dropped now (it is ignored), instead of having killed it.
     The signature fits DataLoader's ``worker_init_fn``.
     """
-    for sig in (signal.SIGINT, *STOP_SIGNALS):
+    for sig in CHILD_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_IGNORES)
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Start child processes inside this: until each calls :func:`ignore_stop_signals`, a stop
+    signal waits instead of killing it.
+
+    A blocked mask survives fork and exec, so the child starts with it. Without it, SLURM's
+    signal to every process of a step could land in a decode process, or in the fork server,
+    while it was still importing (a 2 s window for torch): the rank then lost its decoder to a
+    signal it meant to handle by stopping cleanly. In this process the signal waits until the
+    block is lifted, then reaches the loop's handler as usual.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_IGNORES)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

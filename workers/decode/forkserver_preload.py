@@ -8,9 +8,10 @@ a step, and a server killed by SIGTERM would take every decode process with it, 
 like a crash.
 """
 
-import torch  # noqa: F401  (the point of this module: imported once, shared by every fork)
-
-import videofeat.workers.decode.pool  # noqa: F401  (what the forked processes run)
 from videofeat.workers.signals import ignore_stop_signals
 
-ignore_stop_signals()
+ignore_stop_signals()  # first: the server was started with them blocked (see pool.py)
+
+import torch  # noqa: E402,F401  (the point of this module: imported once, shared by every fork)
+
+import videofeat.workers.decode.pool  # noqa: E402,F401  (what the forked processes run)

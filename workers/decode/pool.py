@@ -52,7 +52,7 @@ from videofeat.manifests.status import (CRASHED, DECODE_ERROR, EMPTY, TIMEOUT, U
 
 from videofeat.workers.decode.decoders import VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.resize import FrameResize, FullFrame
-from videofeat.workers.signals import ignore_stop_signals
+from videofeat.workers.signals import ignore_stop_signals, stop_signals_blocked
 
 Transform = Union[FrameResize, FullFrame]
 
@@ -251,17 +251,21 @@ class _Worker:
     def __init__(self, ctx: Any, config: PoolConfig, resize: Any, specs: tuple):
         self.ring = config.ring
         self.dtypes = [np.dtype(dtype) for _, dtype in specs]
-        self.shm = shared_memory.SharedMemory(create=True, size=config.ring * sum(_slot_bytes(specs)))
-        self.rings = _rings(self.shm.buf, config.ring, specs)
-        self.free = ctx.Semaphore(config.ring)
-        task_read, self.tasks = ctx.Pipe(duplex=False)
-        self.messages, message_write = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=_decode_main, name="videofeat-decode", daemon=True,
-            args=(task_read, message_write, self.shm.name, config.ring,
-                  tuple((tuple(shape), np.dtype(dtype).str) for shape, dtype in specs), self.free, resize,
-                  config.backend, config.threads))
-        self.process.start()
+        # Every child this starts (the decode process; the fork server and multiprocessing's
+        # resource tracker, when the first shared memory or process needs them) starts with the
+        # stop signals blocked, until it ignores them: see ``signals.stop_signals_blocked``.
+        with stop_signals_blocked():
+            self.shm = shared_memory.SharedMemory(create=True, size=config.ring * sum(_slot_bytes(specs)))
+            self.rings = _rings(self.shm.buf, config.ring, specs)
+            self.free = ctx.Semaphore(config.ring)
+            task_read, self.tasks = ctx.Pipe(duplex=False)
+            self.messages, message_write = ctx.Pipe(duplex=False)
+            self.process = ctx.Process(
+                target=_decode_main, name="videofeat-decode", daemon=True,
+                args=(task_read, message_write, self.shm.name, config.ring,
+                      tuple((tuple(shape), np.dtype(dtype).str) for shape, dtype in specs), self.free, resize,
+                      config.backend, config.threads))
+            self.process.start()
         # Drop our copies of the child's ends: a dead child then reads as EOF, not as a hang.
         task_read.close()
         message_write.close()

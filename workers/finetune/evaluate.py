@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from videofeat.workers.signals import stop_signals_blocked
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device, env,
@@ -20,7 +22,9 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     totals = torch.zeros(2, dtype=torch.float64)  # [loss sum, clips that failed to decode]
-    for batch in loader:
+    with stop_signals_blocked():  # the DataLoader workers start here: none may die of a stop signal
+        batches = iter(loader)
+    for batch in batches:
         valid = batch["valid"].bool()
         totals[1] += float((~valid).sum())
         if not valid.any():

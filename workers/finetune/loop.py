@@ -28,7 +28,7 @@ from videofeat.workers.finetune.optim import CosineSchedule, OptimConfig, apply_
 from videofeat.workers.finetune.evaluate import evaluate
 from videofeat.workers.finetune import state as ts
 from videofeat.workers.distributed import Distributed
-from videofeat.workers.signals import StopSignals, ignore_stop_signals
+from videofeat.workers.signals import StopSignals, ignore_stop_signals, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,9 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=self.epoch_step, desc=f"epoch {self.epoch + 1}",
                    disable=not (self.env.is_main and cfg.progress), unit="step", dynamic_ncols=True)
         micro = 0
-        for batch in self.train_loader:
+        with stop_signals_blocked():  # the DataLoader workers start here: none may die of a stop signal
+            batches = iter(self.train_loader)
+        for batch in batches:
             if self.epoch_step >= self.steps_per_epoch:
                 break  # the tail that does not fill an accumulation
             sync = (micro + 1) % cfg.accum_steps == 0

@@ -87,7 +87,7 @@ def build_config(args: argparse.Namespace):
     if getattr(args, "sets", None):
         from videofeat.workers.extract.feature_sets import build_feature_sets
 
-        return build_feature_sets(args.sets, args.output, kwargs, ExtractConfig)
+        return build_feature_sets(args.sets, args.output, kwargs)
     return ExtractConfig(**kwargs)
 
 

@@ -50,7 +50,7 @@ def single_config(world: dict, name: str, output: str, **overrides) -> ExtractCo
 
 def multi_config(world: dict, root: str, **overrides):
     base = dict(manifest=world["manifest"], output=root, **COMMON, **overrides)
-    return build_feature_sets(world["sets"], root, base, ExtractConfig)
+    return build_feature_sets(world["sets"], root, base)
 
 
 def read_rows(run_dir: str) -> tuple[list, np.ndarray, np.ndarray]:
@@ -270,7 +270,7 @@ def test_bad_sets_files_are_refused_before_any_work(world, tmp_path):
     text = Path(world["sets"]).read_text().replace(world["ckpts"][2], str(broken))
     (tmp_path / "broken.toml").write_text(text)
     sets = build_feature_sets(str(tmp_path / "broken.toml"), str(tmp_path / "o3"),
-                              dict(manifest=world["manifest"], output=str(tmp_path / "o3"), **COMMON), ExtractConfig)
+                              dict(manifest=world["manifest"], output=str(tmp_path / "o3"), **COMMON))
     with pytest.raises(ValueError, match=r"broken.toml: set 'c': "):
         run_extraction(sets)
     assert not list((tmp_path / "o3").glob("*/shards/*"))

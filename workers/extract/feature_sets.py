@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional
 
 from videofeat.manifests import fsutil
 from videofeat.manifests.views import canonical_view
+from videofeat.workers.extract.config import ExtractConfig
 from videofeat.workers.extract.presets import PRESETS
 
 # TOML key -> ExtractConfig field, for the per-set overrides (named as the flags are).
@@ -168,10 +169,8 @@ def _load(path: str) -> dict:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
 
 
-def build_feature_sets(path: str, root: str, common_kwargs: Mapping[str, Any], config_type: Any) -> FeatureSets:
-    """Read ``path`` and build each set's ``config_type`` (the extraction loop's ExtractConfig, given
-    by the caller so this module and the loop do not import each other) from ``common_kwargs``."""
-    ExtractConfig = config_type  # noqa: N806 - a class
+def build_feature_sets(path: str, root: str, common_kwargs: Mapping[str, Any]) -> FeatureSets:
+    """Read ``path`` and build each set's :class:`ExtractConfig` from ``common_kwargs``."""
     sets = parse_feature_sets(path, _load(path))
     defaults = {f.name: f.default for f in fields(ExtractConfig)}
     given = [k for k in _FILE_ONLY if k in common_kwargs and common_kwargs[k] not in (defaults[k], None, ())]

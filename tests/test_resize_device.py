@@ -165,13 +165,14 @@ RANK_THAT_STOPS_READING = """
 import sys, time
 from videofeat.workers.decode.pool import DecodeJob, DecodePool, PoolConfig, frame_spec
 from videofeat.workers.decode.resize import FrameResize
-resize = FrameResize(sys.argv[2], 32, "bounded")
+resize = FrameResize("pil_bilinear", 32, "bounded")
 shape, dtype = frame_spec(resize)
 pool = DecodePool(PoolConfig(procs=1, ring=2), resize, shape, dtype)
-events = pool.run([DecodeJob(0, sys.argv[1])])
-next(events)  # one frame taken, then no more: the decode process fills the ring and waits
+pool.start()
 print(pool.pids()[0], flush=True)
-time.sleep(600)
+events = pool.run([DecodeJob(0, sys.argv[1])])
+next(events)  # a video: one frame taken, then no more, and the decode process waits on a full ring
+time.sleep(600)  # (a FIFO: the decode process waits in open(), and so does this, for the first event)
 """
 
 
@@ -188,16 +189,22 @@ def _gone(pid: int, within_s: float) -> bool:
     return False
 
 
-def test_a_sigkilled_rank_leaves_no_decode_process_or_fork_server(videos):
+@pytest.mark.parametrize("blocked_in", ["a full ring", "opening a FIFO"])
+def test_a_sigkilled_rank_leaves_no_decode_process_or_fork_server(videos, tmp_path, blocked_in):
     # A fork server's child is not the rank's child, so the rank's death signal never reaches
-    # it; waiting on a full ring, it (and the server it keeps alive) used to outlive the rank.
-    rank = subprocess.Popen([sys.executable, "-c", RANK_THAT_STOPS_READING, videos[0], "pil_bilinear"],
+    # it; waiting on a full ring, or in an open() that never returns, it (and the server it
+    # keeps alive) used to outlive the rank.
+    source = videos[0]
+    if blocked_in == "opening a FIFO":
+        source = str(tmp_path / "never-written.mp4")
+        os.mkfifo(source)
+    rank = subprocess.Popen([sys.executable, "-c", RANK_THAT_STOPS_READING, source],
                             stdout=subprocess.PIPE, text=True)
     try:
         child = int(rank.stdout.readline())
         server = _parent_pid(child)
         assert server != rank.pid
-        time.sleep(0.5)  # the ring is full by now
+        time.sleep(1.0)  # the ring is full, or the open() is waiting, by now
         rank.kill()
         rank.wait()
         assert _gone(child, 10) and _gone(server, 10)

@@ -40,6 +40,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import connection, shared_memory
@@ -164,28 +165,32 @@ def _rings(buffer: Any, ring: int, specs: tuple) -> list[np.ndarray]:
     return out
 
 
-PARENT_CHECK_S = 1.0
-
-
-def _acquire_slot(free: Any) -> None:
-    """Wait for a free ring slot; exit if the rank that reads the ring has died meanwhile.
+def _exit_with_the_rank() -> None:
+    """Exit as soon as the rank that reads our ring is gone, whatever the decode is blocked in.
 
     A decode process forked from the fork server is the server's child, not the rank's, so
     PR_SET_PDEATHSIG does not fire when a rank is SIGKILLed; and it holds the server's liveness
-    pipe, so the server does not exit either. Blocked here on a full ring, the pair would
-    outlive the rank for good (found after a SIGKILLed torchrun rank). The rank's sentinel
-    (``parent_process()``: the pipe it spawned us through) tells both start methods apart from
-    a slow parent.
+    pipe, so the server does not exit either. Blocked on a full ring, or opening a file that
+    never answers (a FIFO, a hung mount), the pair used to outlive the rank for good (found
+    after the suite's SIGKILLed torchrun ranks). The rank's sentinel (``parent_process()``, the
+    pipe it started us through, under both start methods) reads as closed once it has died; a
+    daemon thread waits on it, so no blocking call has to poll.
     """
     parent = mp.parent_process()
-    while not free.acquire(timeout=PARENT_CHECK_S):
-        if parent is not None and not parent.is_alive():
-            os._exit(0)  # nobody reads this ring any more
+    if parent is None:
+        return
+
+    def watch() -> None:
+        connection.wait([parent.sentinel])
+        os._exit(0)  # nobody reads this ring any more
+
+    threading.Thread(target=watch, name="videofeat-rank-watch", daemon=True).start()
 
 
 def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tuple,
                  free: Any, resize: Any, backend: str, threads: int) -> None:
     _die_with_parent()
+    _exit_with_the_rank()
     # Stop signals are the parent's to handle: SLURM sends SIGUSR2/SIGTERM to every process of
     # a step, and a decode process that died of them would look like a crashed video.
     ignore_stop_signals()
@@ -218,7 +223,7 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                             raise ValueError(f"{job.uri}: frame of shape {frame.shape}, expected at most "
                                              f"{largest}; the manifest's width, height or crop columns are "
                                              "wrong for it: probe it again with `videofeat manifest`")
-                    _acquire_slot(free)
+                    free.acquire()
                     try:
                         resize.write(frame, [_slot_view(slots, slot, shape, dtype)
                                              for slots, shape, (_, dtype) in zip(rings, shapes, specs)])

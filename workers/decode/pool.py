@@ -231,7 +231,8 @@ def _decode_main(tasks: Any, messages: Any, shm_name: str, ring: int, specs: tup
                         free.release()  # the slot was never handed over
                         raise
                     # One resize: its shape; several: the tuple of their shapes.
-                    messages.send(("frame", job.key, index, slot, pts, shapes[0] if len(shapes) == 1 else tuple(shapes)))
+                    shape_field = shapes[0] if len(shapes) == 1 else tuple(shapes)
+                    messages.send(("frame", job.key, index, slot, pts, shape_field))
                     slot = (slot + 1) % ring
                     count += 1
             # CPU time, not wall time: waiting for a free slot (the parent busy with the model) costs none.

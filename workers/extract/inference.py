@@ -4,8 +4,9 @@ Windows from one or more videos are assembled into a batch (``--batch-size``) st
 their frames, moved with pinned memory on CUDA, normalized on the device (so uint8 crosses the
 bus, not float32), and run once through the backbone in ``torch.inference_mode()`` with the
 model in eval mode: the pooled feature and, when the checkpoint has a head, its softmax come
-from the same pass (the seed's ``feats`` and ``a_prob``/``pred``). bf16 autocast on CUDA by default, fp32 on CPU; ``--dtype`` overrides
-either. On CUDA out-of-memory the batch is halved and retried, and the size used is logged.
+from the same pass (the seed's ``feats`` and ``a_prob``/``pred``). bf16 autocast on CUDA by
+default, fp32 on CPU; ``--dtype`` overrides either. On CUDA out-of-memory the batch is halved
+and retried, and the size used is logged.
 """
 
 from __future__ import annotations

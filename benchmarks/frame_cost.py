@@ -209,10 +209,12 @@ def stage_costs(video: str, frames: int, kernels: list[str]) -> dict[str, float]
             if len(decoded) == frames:
                 break
         out["decode (PyAV, frame object)"] = (time.perf_counter() - start) / len(decoded) * 1000
-    out["decoder frame -> RGB ndarray (rgb24, the floor's)"] = _ms(lambda f: f.to_ndarray(format="rgb24"), decoded)
-    out["decoder frame -> RGBA ndarray (rgba, the decode processes')"] = _ms(lambda f: f.to_ndarray(format="rgba"),
-                                                                             decoded)
-    rgba = [f.to_ndarray(format="rgba") for f in decoded[:60]]
+    # one swscale thread, as the decoders convert (see workers/decode/decoders.py)
+    out["decoder frame -> RGB ndarray (rgb24, the floor's)"] = _ms(
+        lambda f: f.to_ndarray(format="rgb24", threads=1), decoded)
+    out["decoder frame -> RGBA ndarray (rgba, the decode processes')"] = _ms(
+        lambda f: f.to_ndarray(format="rgba", threads=1), decoded)
+    rgba = [f.to_ndarray(format="rgba", threads=1) for f in decoded[:60]]
     del decoded
     for name in PRESETS:
         for method in dict.fromkeys(("exact", *kernels)):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from videofeat.workers.decode.decoders import RGBA_WIDTH_MULTIPLE, VideoDecodeError, VideoOpenError, open_video
+from videofeat.workers.decode.decoders import CONVERT_THREADS, RGBA_WIDTH_MULTIPLE, VideoDecodeError, VideoOpenError, open_video
 from videofeat.workers.decode.synthetic import index_frame, read_index, write_index_video, write_video
 
 
@@ -36,8 +36,8 @@ def test_backends_give_identical_full_size_frames(index_video):
 
 @pytest.mark.parametrize("width,height", [(64, 64), (100, 100), (200, 122), (854, 480), (1280, 720)])
 def test_rgba_frames_carry_the_rgb24_bytes(tmp_path, width, height):
-    # The decode processes ask PyAV for RGBA (faster to convert to). At widths whose RGBA rows
-    # are not whole 64-byte lines FFmpeg gave wrong rows at random, so those must come as RGB.
+    # The decode processes ask PyAV for RGBA (a pixel the resize gathers as one uint32). At
+    # widths that are no multiple of 16 FFmpeg's RGBA has wrong columns, so those come as RGB.
     rng = np.random.default_rng(width)
     frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
     path = write_video(str(tmp_path / f"v{width}.mp4"), frames, gop=2)
@@ -52,6 +52,26 @@ def test_rgba_frames_carry_the_rgb24_bytes(tmp_path, width, height):
             assert all(np.array_equal(f[..., :3], e) and (f[..., 3:] == 255).all() for f, e in zip(got, expected))
     with open_video(path, "decord") as source:  # decord has 3 channels only
         assert next(iter(source.stream(rgba=True)))[1].shape == (height, width, 3)
+
+
+def test_conversions_are_right_across_swscale_slice_boundaries(tmp_path):
+    # With its default thread count swscale cuts a frame into slices and returned wrong rows at
+    # their boundaries at random (rows 160 and 320 of these 480, RGBA, ~40% of frames). The
+    # decoders convert on CONVERT_THREADS threads: every decode must give the same rows, and
+    # FFmpeg's RGBA on that many threads the same RGB bytes, every time.
+    av = pytest.importorskip("av")
+    rng = np.random.default_rng(854)
+    path = write_video(str(tmp_path / "v854.mp4"), [rng.integers(0, 256, (480, 854, 3), np.uint8) for _ in range(2)],
+                       gop=2)
+    with open_video(path) as source:
+        expected = [rgb.copy() for _, rgb, _ in source.stream()]
+    for _ in range(6):
+        with open_video(path) as source:
+            assert all(np.array_equal(rgb, e) for (_, rgb, _), e in zip(source.stream(), expected))
+        with av.open(path) as container:
+            rgba = [f.to_ndarray(format="rgba", threads=CONVERT_THREADS) for f in container.decode(video=0)]
+        wrong_rows = [np.flatnonzero((f[..., :3] != e).any(axis=(1, 2))).tolist() for f, e in zip(rgba, expected)]
+        assert wrong_rows == [[], []]
 
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])

@@ -7,12 +7,20 @@ drops the frames before ``start``. ``rgb`` is ``uint8 HxWx3`` after the crop and
 ``transform`` (which may return a resized or float array).
 
 ``stream(..., rgba=True)`` asks for ``HxWx4`` frames instead (RGB and an opaque alpha, the same
-RGB bytes): FFmpeg's converter writes 4-byte pixels faster than 3-byte ones (1.2 against 1.8 ms
-a 1080p frame here, measured by ``benchmarks/frame_cost.py``), and a 4-byte pixel is gathered
-as one ``uint32``. It is a request, not a promise: decord's frames stay ``HxWx3``, and so do
-PyAV's where the width is no multiple of 16 (a 64-byte RGBA row), because there FFmpeg's RGBA
-rows came back wrong at random (widths 100, 200, 854, 1000, 1366; ``tests/test_decoders.py``
-holds every width it uses to the RGB bytes). Consumers of ``rgba`` frames take both.
+RGB bytes): FFmpeg's converter writes 4-byte pixels as fast as 3-byte ones (1.6 ms a 1080p
+frame either way, on one thread), and the resize kernels gather a 4-byte pixel as one ``uint32``
+(0.27 against 0.57 ms a 1080p frame for a 3-byte item; ``benchmarks/frame_cost.py``). It is a request, not a promise: decord's frames stay ``HxWx3``, and so do
+PyAV's where the width is no multiple of 16, because FFmpeg's RGBA converter leaves the last
+columns wrong at some of those widths (every width = 2 or 4 mod 16 tried, 18 to 1998; width
+100: columns 96-99, on every frame). Consumers of ``rgba`` frames take both.
+
+Every pixel conversion runs on one thread (``threads=1``): swscale's default picks a thread
+count from the CPUs, cuts the frame into slices, and then returned wrong rows at the slice
+boundaries at random (rows 160 and 320 of a 480-row frame in 10 of 24 RGBA conversions; an
+RGB test frame in CI). One thread is also faster here, since PyAV makes a new converter, and
+so a new thread pool, for every decoded frame: 1.6-1.8 against 3.3-3.5 ms a 1080p frame to
+RGB (best and median of five rounds).
+``tests/test_decoders.py`` holds both formats to one-thread RGB across slice boundaries.
 
 Backends: ``pyav`` (default; bounded memory on long videos) and ``decord`` (the seed's ViT-L
 decoder; its RSS grows with the length of the video, see the README). Both give bit-identical
@@ -43,7 +51,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "decord")
-RGBA_WIDTH_MULTIPLE = 16  # see the module docstring: RGBA only where a row is whole 64-byte lines
+RGBA_WIDTH_MULTIPLE = 16  # see the module docstring: FFmpeg's RGBA is right at these widths
+CONVERT_THREADS = 1  # swscale threads: see the module docstring (the default was wrong at random)
 Crop = Optional[Sequence[int]]
 Transform = Optional[Callable[[np.ndarray], np.ndarray]]
 Frame = tuple[int, np.ndarray, float]
@@ -279,10 +288,10 @@ class PyAVSource(VideoSource):
                 pts = self._pts_seconds(frame, index)
                 if graph is not None:
                     graph.push(frame)
-                    rgb = graph.pull().to_ndarray(format="rgb24")
+                    rgb = graph.pull().to_ndarray(format="rgb24", threads=CONVERT_THREADS)
                 else:
                     pixels = "rgba" if rgba and frame.width % RGBA_WIDTH_MULTIPLE == 0 else "rgb24"
-                    rgb = self._crop(_rotate(frame.to_ndarray(format=pixels), self.rotation))
+                    rgb = self._crop(_rotate(frame.to_ndarray(format=pixels, threads=CONVERT_THREADS), self.rotation))
                 yield index, rgb, pts
                 index += 1
         except _DecodeFailure as exc:
@@ -291,6 +300,7 @@ class PyAVSource(VideoSource):
     def _fast_graph(self, output_size: tuple[int, int]) -> Any:
         """Crop and scale inside FFmpeg (swscale bilinear): fast, a few /255 off the exact path."""
         graph = self._av.filter.Graph()
+        graph.threads = CONVERT_THREADS  # the scale filter's swscale, as above
         nodes = [graph.add_buffer(template=self._stream)]
         nodes += [graph.add(name, args) for name, args in _ROTATE_FILTERS[self.rotation]]
         if self.crop is not None:

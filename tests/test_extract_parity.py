@@ -33,7 +33,8 @@ N_FRAMES = 70  # floor(70/16) - 1 = 3 windows
 
 def _reference(path: str, preset: str, model) -> np.ndarray:
     with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        # one swscale thread: its default slices the frame and got boundary rows wrong at random
+        frames = [f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)]
     feats = []
     for i in range(len(frames) // 16 - 1):
         window = frames[16 * i: 16 * i + 32]

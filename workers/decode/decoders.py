@@ -7,20 +7,21 @@ drops the frames before ``start``. ``rgb`` is ``uint8 HxWx3`` after the crop and
 ``transform`` (which may return a resized or float array).
 
 ``stream(..., rgba=True)`` asks for ``HxWx4`` frames instead (RGB and an opaque alpha, the same
-RGB bytes): FFmpeg's converter writes 4-byte pixels as fast as 3-byte ones (1.6 ms a 1080p
-frame either way, on one thread), and the resize kernels gather a 4-byte pixel as one ``uint32``
-(0.27 against 0.57 ms a 1080p frame for a 3-byte item; ``benchmarks/frame_cost.py``). It is a request, not a promise: decord's frames stay ``HxWx3``, and so do
-PyAV's where the width is no multiple of 16, because FFmpeg's RGBA converter leaves the last
-columns wrong at some of those widths (every width = 2 or 4 mod 16 tried, 18 to 1998; width
-100: columns 96-99, on every frame). Consumers of ``rgba`` frames take both.
+RGB bytes): FFmpeg converts to 4-byte pixels as fast as to 3-byte ones (~1.5 ms a 1080p frame
+either way, on one thread), and the resize kernels gather a 4-byte pixel as one ``uint32``
+(0.27 against 0.57 ms a 1080p frame for a 3-byte item). It is a request, not a promise:
+decord's frames stay ``HxWx3``, and so do PyAV's where the width is no multiple of 16, because
+FFmpeg's RGBA converter leaves the last columns wrong at some of those widths (every width = 2
+or 4 mod 16 tried, 18 to 1998; width 100: columns 96-99, on every frame). Consumers of ``rgba``
+frames take both.
 
-Every pixel conversion runs on one thread (``threads=1``): swscale's default picks a thread
-count from the CPUs, cuts the frame into slices, and then returned wrong rows at the slice
-boundaries at random (rows 160 and 320 of a 480-row frame in 10 of 24 RGBA conversions; an
-RGB test frame in CI). One thread is also faster here, since PyAV makes a new converter, and
-so a new thread pool, for every decoded frame: 1.6-1.8 against 3.3-3.5 ms a 1080p frame to
-RGB (best and median of five rounds).
-``tests/test_decoders.py`` holds both formats to one-thread RGB across slice boundaries.
+Every pixel conversion runs on one thread (``CONVERT_THREADS``): swscale's default picks a
+thread count from the CPUs, cuts the frame into slices, and returned wrong rows at the slice
+boundaries at random (rows 160 and 320 of a 480-row frame in 10 of 24 RGBA conversions). One
+thread is also faster, since PyAV makes a new converter, and so a new thread pool, for every
+decoded frame: ~1.5 against ~3.5-4.8 ms a 1080p frame to RGB (``benchmarks/frame_cost.py``
+prints both). ``tests/test_decoders.py`` holds both formats to one-thread RGB across slice
+boundaries.
 
 Backends: ``pyav`` (default; bounded memory on long videos) and ``decord`` (the seed's ViT-L
 decoder; its RSS grows with the length of the video, see the README). Both give bit-identical

@@ -22,7 +22,7 @@ reproduces one seed script, and ``--resize`` picks the kernel that computes it:
 
 ``fast`` resizing happens inside the decoder instead (see ``decoders.stream(output_size=...)``).
 
-Every kernel takes HxWx3 RGB or HxWx4 RGBA frames (what PyAV converts to fastest, see
+Every kernel takes HxWx3 RGB or HxWx4 RGBA frames (RGBA gathers a pixel as one ``uint32``, see
 ``decoders.py``) and writes HxWx3 straight into the ring slot it is given (``out``), so a resized
 frame is copied once, not built and then copied. This module imports numpy and PIL; torch only
 when a ``bounded`` kernel first runs (importing it costs a decode process ~1.5 s and ~250 MB of
@@ -44,23 +44,30 @@ KERNELS = ("exact", "bounded", "fast")
 BOUNDS = {"pil_bilinear": 1, "short_side_crop": 1, "interpolate_bilinear": 1e-3}
 
 
-def _into(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """HxWx3 from HxWx(3 or 4): into ``out`` when given (a ring slot), else as they are or a new array.
+def _interleave(channels: list[np.ndarray], height: int, width: int,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """An HxWx3 frame from three flat channels (strided views are fine): one strided copy each.
 
-    Alpha is dropped with one flat strided copy per channel: assigning the 3-of-4 view walks a
-    3-long inner axis, ~5x slower.
+    Assigning a 3-of-4 or a transposed view instead walks a 3-long inner axis: ~5x slower (a
+    224x224 frame: ~0.3 ms against ~0.05).
     """
-    if pixels.shape[2] == 3:
+    out = np.empty((height, width, 3), channels[0].dtype) if out is None else out
+    flat = out.reshape(-1)
+    for index, channel in enumerate(channels):
+        flat[index::3] = channel
+    return out
+
+
+def _into(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """HxWx3 from HxWx(3 or 4): into ``out`` when given (a ring slot), else as they are or a new array."""
+    height, width, channels = pixels.shape
+    if channels == 3:
         if out is None:
             return pixels
         out[...] = pixels
         return out
-    if out is None:
-        out = np.empty(pixels.shape[:2] + (3,), pixels.dtype)
-    flat, source, channels = out.reshape(-1), pixels.reshape(-1), pixels.shape[2]
-    for channel in range(3):
-        flat[channel::3] = source[channel::channels]
-    return out
+    source = pixels.reshape(-1)
+    return _interleave([source[c::channels] for c in range(3)], height, width, out)
 
 
 def pil_bilinear(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -90,20 +97,6 @@ def _torch():
     return _TORCH
 
 
-def _interleave(planes: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
-    """CxHxW planes (C >= 3) as an HxWx3 frame: one strided copy per channel.
-
-    Assigning the transposed view (``out[...] = planes.transpose(1, 2, 0)``) walks a 3-long inner
-    axis and costs ~0.3 ms at 224x224; three flat strided copies cost ~0.05 ms.
-    """
-    height, width = planes.shape[1:]
-    out = np.empty((height, width, 3), planes.dtype) if out is None else out
-    flat = out.reshape(-1)
-    for channel in range(3):
-        flat[channel::3] = planes[channel].reshape(-1)
-    return out
-
-
 def antialias_uint8(frame: np.ndarray, height: int, width: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """PIL BILINEAR's numbers (within 1/255) from torch's antialiased uint8 kernel.
 
@@ -115,7 +108,8 @@ def antialias_uint8(frame: np.ndarray, height: int, width: int, out: Optional[np
     x = torch.from_numpy(frame).permute(2, 0, 1).unsqueeze(0)
     y = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False,
                                         antialias=True)
-    return _interleave(y[0].numpy(), out)
+    planes = y[0].numpy()
+    return _interleave([plane.reshape(-1) for plane in planes[:3]], height, width, out)
 
 
 def _source_index(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
